@@ -1,0 +1,67 @@
+"""Test session set-up: a private data home, offline hubs, and a small pythia-tiny build.
+
+``$STEERSERVE_HOME`` points at ``.test-home/`` in the work tree (git-ignored), so tests
+never touch a user's ``~/.cache/steerserve``. The small model is built once with the same
+code as ``pythia-tiny`` and reused by later runs while its spec is unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_HOME = REPO / ".test-home"
+os.environ["STEERSERVE_HOME"] = str(TEST_HOME)
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import dataclasses  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from editing.tiny import TinySpec, build_tiny_model  # noqa: E402
+
+# Same code path as pythia-tiny, a fraction of the size and steps: ~10 s to build.
+SMALL_SPEC = TinySpec(
+    vocab_size=512,
+    hidden_size=32,
+    num_layers=3,
+    num_heads=2,
+    context_length=32,
+    batch_size=8,
+    steps=40,
+    warmup_steps=5,
+    max_train_documents=80,
+    max_eval_windows=24,
+)
+
+
+def ensure_small_model(name: str = "pythia-tiny-test", spec: TinySpec = SMALL_SPEC) -> Path:
+    target = TEST_HOME / "models" / name
+    card = target / "card.json"
+    if card.is_file() and json.loads(card.read_text()).get("spec") == dataclasses.asdict(spec):
+        return target
+    build_tiny_model(target, spec, progress=False)
+    return target
+
+
+@pytest.fixture(scope="session")
+def small_model_dir() -> Path:
+    return ensure_small_model()
+
+
+@pytest.fixture(scope="session")
+def small_model(small_model_dir):
+    from editing.model import load_model
+
+    return load_model(str(small_model_dir))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
