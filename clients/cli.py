@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(handler=_models_list)
 
+    from clients import dict_commands
+
+    dict_commands.add_commands(commands)
+
     return parser
 
 

@@ -1,0 +1,245 @@
+"""The dictionary store: ``$STEERSERVE_HOME/dictionaries/``, by name.
+
+Each name is a symbolic link to an immutable object directory:
+
+    dictionaries/
+      l2-relu-1k -> .objects/l2-relu-1k.5f0c…/      config.json, sae.safetensors, metrics.json, …
+      .objects/
+
+A ``put`` writes and fsyncs a new object directory, loads it back through the full
+validation, and only then swaps the link with one atomic ``rename``. A crash at any point
+leaves either the old dictionary or the new one under the name, never a half-written or
+mixed one; a dictionary that fails validation is never installed, and the one already
+there keeps working. Names are ``[a-z0-9][a-z0-9._-]{0,63}``; anything else (path
+separators, ``..``) is refused.
+
+The store imports nothing else of the project: it reads ``$STEERSERVE_HOME`` itself, and
+the compatibility check takes the model's facts as plain values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dictionaries.config import HOOK_NAME, DictionaryConfig, DictionaryError
+from dictionaries.format import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    OPTIONAL_FILES,
+    WEIGHTS_FILE,
+    load_dictionary,
+    read_json,
+    save_dictionary,
+)
+from dictionaries.sae import Dictionary
+
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+OBJECTS = ".objects"
+
+
+class DictionaryNotFound(DictionaryError, LookupError):
+    """No dictionary of that name in the store."""
+
+
+def validate_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
+        raise DictionaryError(
+            f"dictionary name {name!r} is not allowed: use 1-64 characters of a-z, 0-9, '.', '_' or '-', "
+            "starting with a letter or digit, and no '..'"
+        )
+    return name
+
+
+def default_root() -> Path:
+    home = os.environ.get("STEERSERVE_HOME") or Path.home() / ".cache" / "steerserve"
+    return Path(home).expanduser() / "dictionaries"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class DictionaryStore:
+    def __init__(self, root: Path | str | None = None):
+        self.root = Path(root) if root is not None else default_root()
+
+    def _objects(self) -> Path:
+        objects = self.root / OBJECTS
+        objects.mkdir(parents=True, exist_ok=True)
+        return objects
+
+    # --- reading -----------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if not p.name.startswith(".") and (p / CONFIG_FILE).is_file())
+
+    def __contains__(self, name: str) -> bool:
+        return NAME_PATTERN.match(name or "") is not None and (self.root / name / CONFIG_FILE).is_file()
+
+    def path(self, name: str) -> Path:
+        """The dictionary's directory (resolved, so a later ``put`` does not move it)."""
+        validate_name(name)
+        link = self.root / name
+        if not (link / CONFIG_FILE).is_file():
+            known = ", ".join(self.names()) or "none"
+            raise DictionaryNotFound(f"no dictionary named {name!r} in {self.root} (have: {known})")
+        return link.resolve()
+
+    def config(self, name: str) -> DictionaryConfig:
+        return DictionaryConfig.from_json(read_json(self.path(name) / CONFIG_FILE, f"{name}/{CONFIG_FILE}"))
+
+    def info(self, name: str) -> dict:
+        """Config, metrics (if any) and the files present, as plain JSON-able data."""
+        path = self.path(name)
+        metrics_path = path / METRICS_FILE
+        return {
+            "name": name,
+            "config": read_json(path / CONFIG_FILE),
+            "metrics": read_json(metrics_path) if metrics_path.is_file() else None,
+            "files": sorted(p.name for p in path.iterdir()),
+        }
+
+    def load(self, name: str, *, device: str | torch.device = "cpu", dtype: str | None = None) -> Dictionary:
+        return load_dictionary(self.path(name), device=device, dtype=dtype)
+
+    # --- writing -----------------------------------------------------------------------
+
+    def put(self, name: str, source: Dictionary | Path | str, *, metrics: dict | None = None,
+            extra_files: dict[str, bytes] | None = None) -> Path:
+        """Install ``source`` (a :class:`Dictionary` or a native directory) under ``name``.
+
+        The new files are validated in place before the name is switched over; on any
+        error nothing under ``name`` changes.
+        """
+        validate_name(name)
+        for filename in extra_files or {}:
+            if filename not in OPTIONAL_FILES:
+                raise DictionaryError(f"file {filename!r} is not part of a dictionary; allowed: {', '.join(OPTIONAL_FILES)}")
+        staging = self._objects() / f"{name}.{uuid.uuid4().hex[:12]}"
+        try:
+            staging.mkdir()
+            if isinstance(source, Dictionary):
+                save_dictionary(source, staging, metrics=metrics)
+            else:
+                source = Path(source)
+                load_dictionary(source)  # refuse a bad source before copying anything
+                for filename in (CONFIG_FILE, WEIGHTS_FILE, *OPTIONAL_FILES):
+                    if (source / filename).is_file():
+                        shutil.copyfile(source / filename, staging / filename)
+                if metrics is not None:
+                    (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+            for filename, data in (extra_files or {}).items():
+                (staging / filename).write_bytes(data)
+            for child in staging.iterdir():
+                with child.open("rb") as stream:
+                    os.fsync(stream.fileno())
+            _fsync_dir(staging)
+            load_dictionary(staging)  # what is installed is exactly what was validated
+            self._swap(name, staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return self.root / name
+
+    def _swap(self, name: str, staging: Path) -> None:
+        link = self.root / name
+        previous = link.resolve() if link.is_symlink() else None
+        if link.exists() and not link.is_symlink():
+            # a directory someone copied in by hand: move it under .objects first
+            adopted = self._objects() / f"{name}.{uuid.uuid4().hex[:12]}"
+            link.rename(adopted)
+            previous = adopted
+        temporary_link = self.root / f".link-{name}-{uuid.uuid4().hex[:8]}"
+        os.symlink(Path(OBJECTS) / staging.name, temporary_link)
+        try:
+            os.replace(temporary_link, link)  # atomic: readers see the old or the new dictionary
+        except BaseException:
+            temporary_link.unlink(missing_ok=True)
+            raise
+        _fsync_dir(self.root)
+        if previous is not None and previous != staging and previous.parent == self._objects():
+            shutil.rmtree(previous, ignore_errors=True)
+
+    def write_file(self, name: str, filename: str, data: bytes) -> None:
+        """Replace one optional file (``metrics.json``, features) of an installed dictionary atomically."""
+        if filename not in OPTIONAL_FILES:
+            raise DictionaryError(f"file {filename!r} is not an optional dictionary file; allowed: {', '.join(OPTIONAL_FILES)}")
+        path = self.path(name)
+        temporary = path / f".{filename}.{uuid.uuid4().hex[:8]}"
+        temporary.write_bytes(data)
+        with temporary.open("rb") as stream:
+            os.fsync(stream.fileno())
+        os.replace(temporary, path / filename)
+
+    def delete(self, name: str) -> None:
+        target = self.path(name)
+        link = self.root / name
+        if link.is_symlink():
+            link.unlink()
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            shutil.rmtree(link)
+
+    def cleanup(self) -> list[str]:
+        """Remove object directories no name points at (left by a crash mid-put)."""
+        objects = self.root / OBJECTS
+        if not objects.is_dir():
+            return []
+        in_use = {(self.root / n).resolve() for n in self.names()}
+        removed = []
+        for candidate in objects.iterdir():
+            if candidate.resolve() not in in_use:
+                shutil.rmtree(candidate, ignore_errors=True)
+                removed.append(candidate.name)
+        for stray in self.root.glob(".link-*"):
+            stray.unlink(missing_ok=True)
+        return removed
+
+
+# --- compatibility ---------------------------------------------------------------------
+
+@dataclass
+class Compatibility:
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def raise_for_errors(self, name: str = "dictionary") -> None:
+        if self.errors:
+            raise DictionaryError(f"{name} does not fit the loaded model: " + "; ".join(self.errors))
+
+
+def check_compatibility(config: DictionaryConfig, *, model_name: str, model_sha256: str, n_layers: int, d_model: int) -> Compatibility:
+    """Whether a dictionary can be used on a model: hook point and width are errors,
+    a different model name or weights hash is a warning (a fine-tune may still work)."""
+    report = Compatibility()
+    match = HOOK_NAME.match(config.hook)
+    layer = int(match.group(1)) if match else -1
+    if not 0 <= layer < n_layers:
+        report.errors.append(f"hook point {config.hook!r} does not exist on a {n_layers}-layer model")
+    if config.d_in != d_model:
+        report.errors.append(f"d_in is {config.d_in} but the model's width at {config.hook} is {d_model}")
+    if config.model_name and config.model_name != model_name:
+        report.warnings.append(f"trained on model {config.model_name!r}, loaded model is {model_name!r}")
+    if config.model_sha256 and model_sha256 and config.model_sha256 != model_sha256:
+        report.warnings.append(
+            f"trained on weights {config.model_sha256[:12]}…, loaded model's weights are {model_sha256[:12]}…"
+        )
+    return report
