@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import torch
 
-from dictionaries.sae import Dictionary, register
+from dictionaries.sae import Dictionary, FeatureSubset, register
 
 
 @register
 class ReluDictionary(Dictionary):
     architecture = "relu"
 
-    def activation(self, pre: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+    def activation(self, pre: torch.Tensor, subset: FeatureSubset | None = None) -> torch.Tensor:
         return torch.relu(pre)
 
-    def encode_subset(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    def encode_subset(self, x: torch.Tensor, features) -> torch.Tensor:
         x_normed, _ = self.normalize(x)
-        return torch.relu(self.pre_activations(x_normed, features))  # (..., |S|)
+        return torch.relu(self.pre_activations(x_normed, self._as_subset(features)))  # (..., |S|)

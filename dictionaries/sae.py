@@ -35,6 +35,16 @@ def register(cls: type["Dictionary"]) -> type["Dictionary"]:
     return cls
 
 
+class FeatureSubset(NamedTuple):
+    """The weights of a set ``S`` of features, gathered once (the engine reuses them every step)."""
+
+    features: torch.Tensor  # (|S|,) long
+    W_enc: torch.Tensor  # (d_in, |S|)
+    b_enc: torch.Tensor  # (|S|,)
+    W_dec: torch.Tensor  # (|S|, d_in)
+    threshold: torch.Tensor | None  # (|S|,) for jumprelu
+
+
 class NormState(NamedTuple):
     """How one input was normalised: ``n(x) = (x − shift)·in_scale``, ``n⁻¹(y) = y·out_scale + shift``."""
 
@@ -107,14 +117,29 @@ class Dictionary(nn.Module):
 
     # --- encode ------------------------------------------------------------------------
 
-    def pre_activations(self, x_normed: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
-        """``(n(x) − b_dec)·W_enc + b_enc`` for all features, or only for ``features``."""
-        centred = x_normed - self.b_dec if self.config.apply_b_dec_to_input else x_normed
-        if features is None:
-            return centred @ self.W_enc + self.b_enc  # (..., d_sae)
-        return centred @ self.W_enc[:, features] + self.b_enc[features]  # (..., |S|)
+    def subset(self, features: torch.Tensor) -> FeatureSubset:
+        """Gather the weights of ``features`` for repeated subset encodes and deltas."""
+        features = features.to(self.W_enc.device)
+        threshold = getattr(self, "threshold", None)
+        return FeatureSubset(
+            features=features,
+            W_enc=self.W_enc[:, features].contiguous(),
+            b_enc=self.b_enc[features],
+            W_dec=self.W_dec[features].contiguous(),
+            threshold=threshold[features] if threshold is not None else None,
+        )
 
-    def activation(self, pre: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+    def _as_subset(self, features) -> FeatureSubset:
+        return features if isinstance(features, FeatureSubset) else self.subset(features)
+
+    def pre_activations(self, x_normed: torch.Tensor, subset: FeatureSubset | None = None) -> torch.Tensor:
+        """``(n(x) − b_dec)·W_enc + b_enc`` for all features, or only for a subset."""
+        centred = x_normed - self.b_dec if self.config.apply_b_dec_to_input else x_normed
+        if subset is None:
+            return centred @ self.W_enc + self.b_enc  # (..., d_sae)
+        return centred @ subset.W_enc + subset.b_enc  # (..., |S|)
+
+    def activation(self, pre: torch.Tensor, subset: FeatureSubset | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -122,8 +147,9 @@ class Dictionary(nn.Module):
         x_normed, _ = self.normalize(x)
         return self.activation(self.pre_activations(x_normed))
 
-    def encode_subset(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    def encode_subset(self, x: torch.Tensor, features: torch.Tensor | FeatureSubset) -> torch.Tensor:
         """``encode(x)[..., features]``; relu and jumprelu compute only those columns."""
+        features = features.features if isinstance(features, FeatureSubset) else features
         return self.encode(x)[..., features]
 
     # --- decode ------------------------------------------------------------------------
@@ -143,10 +169,11 @@ class Dictionary(nn.Module):
         x_normed, state = self.normalize(x)
         return self.decode(self.activation(self.pre_activations(x_normed)), state)
 
-    def delta(self, feature_delta: torch.Tensor, features: torch.Tensor, state: NormState) -> torch.Tensor:
+    def delta(self, feature_delta: torch.Tensor, features: torch.Tensor | FeatureSubset, state: NormState) -> torch.Tensor:
         """What changing features ``S`` by ``feature_delta (..., |S|)`` writes into ``h``:
         ``n⁻¹``'s scale times ``(f'_S − f_S)·W_dec[S]``; the error term is untouched."""
-        return (feature_delta.to(self.W_dec.dtype) @ self.W_dec[features]) * state.out_scale  # (..., d_in)
+        w_dec = features.W_dec if isinstance(features, FeatureSubset) else self.W_dec[features]
+        return (feature_delta.to(self.W_dec.dtype) @ w_dec) * state.out_scale  # (..., d_in)
 
     # --- description ---------------------------------------------------------------------
 

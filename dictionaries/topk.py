@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import torch
 
-from dictionaries.sae import Dictionary, register
+from dictionaries.sae import Dictionary, FeatureSubset, register
 
 
 @register
 class TopKDictionary(Dictionary):
     architecture = "topk"
 
-    def activation(self, pre: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
-        if features is not None:
+    def activation(self, pre: torch.Tensor, subset: FeatureSubset | None = None) -> torch.Tensor:
+        if subset is not None:
             raise ValueError("a topk dictionary ranks all features; encode them all, then select")
         top = pre.topk(self.config.k, dim=-1, sorted=False)  # values, indices: (..., k)
         return torch.zeros_like(pre).scatter_(-1, top.indices, torch.relu(top.values))

@@ -32,6 +32,7 @@ class StepContext:
 
     kinds: torch.Tensor  # (R, T) int8: PAD / PROMPT / GENERATED
     new_from: int  # positions >= new_from are seen for the first time
+    phase: int | None = None  # PROMPT or GENERATED when every non-pad position is of that kind
 
 
 class DictionaryHook:
@@ -47,26 +48,26 @@ class DictionaryHook:
         column = {feature: j for j, feature in enumerate(features)}
         self.rows = torch.tensor(rows, dtype=torch.long, device=device)  # (R',)
         self.features = torch.tensor(features, dtype=torch.long, device=device)  # (|S|,)
-        # a, b for [prompt, generated] positions: (2, R', |S|); identity where a row has no edit
-        self.a = torch.ones(2, len(rows), len(features), dtype=dtype)
-        self.b = torch.zeros(2, len(rows), len(features), dtype=dtype)
+        # a, b for [prompt, generated] positions: (2, R', |S|); identity where a row has no edit.
+        # Built as Python lists (once a batch), then one tensor each.
+        a_table = [[[1.0] * len(features) for _ in rows] for _ in range(2)]
+        b_table = [[[0.0] * len(features) for _ in rows] for _ in range(2)]
         for i, row in enumerate(rows):
             for edit in row_edits[row]:  # applied in the order given: f' = a2·(a1·f + b1) + b2
                 a, b = edit.affine()
-                kinds = {"all": (0, 1), "prompt": (0,), "generated": (1,)}[edit.positions]
-                for kind in kinds:
-                    j = column[edit.feature]
-                    self.a[kind, i, j], self.b[kind, i, j] = a * self.a[kind, i, j], a * self.b[kind, i, j] + b
-        self.a, self.b = self.a.to(device), self.b.to(device)
+                j = column[edit.feature]
+                for kind in {"all": (0, 1), "prompt": (0,), "generated": (1,)}[edit.positions]:
+                    a_table[kind][i][j], b_table[kind][i][j] = a * a_table[kind][i][j], a * b_table[kind][i][j] + b
+        self.a = torch.tensor(a_table, dtype=dtype, device=device).reshape(2, len(rows), len(features))
+        self.b = torch.tensor(b_table, dtype=dtype, device=device).reshape(2, len(rows), len(features))
         self.active = (self.a != 1) | (self.b != 0)  # (2, R', |S|) which edits do something where
 
-        # report accumulators, per edited row and feature
-        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
-        self.before_sum, self.after_sum = zeros(len(rows), len(features)), zeros(len(rows), len(features))
-        self.count, self.changed = zeros(len(rows), len(features)), zeros(len(rows), len(features))
-        self.contribution_sum = zeros(len(rows), len(features))
-        self.positions_edited, self.delta_norm_sum = zeros(len(rows)), zeros(len(rows))
-        self.decoder_norms = dictionary.W_dec[self.features].float().norm(dim=-1) if features else None  # (|S|,)
+        # the edited features' weights, gathered once for every step of the batch
+        self.subset = dictionary.subset(self.features) if features else None
+        self.decoder_norms = self.subset.W_dec.float().norm(dim=-1) if features else None  # (|S|,)
+        # what each call saw, reduced into the report once at the end (keeps the hook short)
+        self._seen: list[tuple] = []
+        self._stats: tuple[torch.Tensor, torch.Tensor] | None = None
 
         # feature read-out: rows -> top_k, computed before this dictionary's edits
         self.readout_rows = torch.tensor(sorted(readout_rows), dtype=torch.long, device=device)
@@ -90,39 +91,50 @@ class DictionaryHook:
         if dictionary.config.architecture == "topk":
             f = dictionary.activation(dictionary.pre_activations(x_normed))[..., self.features]
         else:
-            f = dictionary.activation(dictionary.pre_activations(x_normed, self.features), self.features)
+            f = dictionary.activation(dictionary.pre_activations(x_normed, self.subset), self.subset)
         f = f.float()  # (R', T, |S|)
 
-        is_prompt = (kinds == PROMPT).unsqueeze(-1)  # (R', T, 1)
-        is_generated = (kinds == GENERATED).unsqueeze(-1)
-        a = torch.where(is_prompt, self.a[0].unsqueeze(1), self.a[1].unsqueeze(1))  # (R', T, |S|)
-        b = torch.where(is_prompt, self.b[0].unsqueeze(1), self.b[1].unsqueeze(1))
-        active = torch.where(is_prompt, self.active[0].unsqueeze(1), self.active[1].unsqueeze(1))
-        active = active & (is_prompt | is_generated)  # never at pads
+        if context.phase is not None:  # one kind of position: no per-position select
+            table = 0 if context.phase == PROMPT else 1
+            a, b = self.a[table].unsqueeze(1), self.b[table].unsqueeze(1)  # (R', 1, |S|)
+            active = self.active[table].unsqueeze(1) & (kinds != PAD).unsqueeze(-1)  # (R', T, |S|), never at pads
+        else:
+            is_prompt = (kinds == PROMPT).unsqueeze(-1)  # (R', T, 1)
+            a = torch.where(is_prompt, self.a[0].unsqueeze(1), self.a[1].unsqueeze(1))  # (R', T, |S|)
+            b = torch.where(is_prompt, self.b[0].unsqueeze(1), self.b[1].unsqueeze(1))
+            active = torch.where(is_prompt, self.active[0].unsqueeze(1), self.active[1].unsqueeze(1))
+            active &= (kinds != PAD).unsqueeze(-1)
         edited = a * f + b
-        feature_delta = torch.where(active, edited - f, torch.zeros_like(f))  # (R', T, |S|)
-        hidden_delta = dictionary.delta(feature_delta.to(dictionary.dtype), self.features, state)  # (R', T, d)
-        hidden_delta = torch.where(active.any(-1, keepdim=True), hidden_delta, torch.zeros_like(hidden_delta))
+        feature_delta = torch.where(active, edited - f, 0.0)  # (R', T, |S|)
+        hidden_delta = dictionary.delta(feature_delta.to(dictionary.dtype), self.subset, state)  # (R', T, d)
 
         self._accumulate(f, edited, feature_delta, hidden_delta, active, state, context.new_from)
         return hidden.index_add(0, self.rows, hidden_delta.to(hidden.dtype))
 
     def _accumulate(self, f, edited, feature_delta, hidden_delta, active, state, new_from: int) -> None:
-        active = active[:, new_from:]  # (R', T_new, |S|)
-        weight = active.double()
-        self.count += weight.sum(1)
-        self.before_sum += (torch.where(active, f[:, new_from:], 0.0).double()).sum(1)
-        self.after_sum += (torch.where(active, edited[:, new_from:], 0.0).double()).sum(1)
-        self.changed += (active & (feature_delta[:, new_from:] != 0)).double().sum(1)
         out_scale = state.out_scale
         if isinstance(out_scale, torch.Tensor):
             out_scale = out_scale[:, new_from:].float()  # (R', T_new, 1)
-        contribution = feature_delta[:, new_from:].abs() * self.decoder_norms * out_scale
-        self.contribution_sum += torch.where(active, contribution, 0.0).double().sum(1)
-        any_active = active.any(-1)  # (R', T_new)
-        self.positions_edited += any_active.double().sum(1)
         norms = hidden_delta[:, new_from:].float().norm(dim=-1)  # (R', T_new)
-        self.delta_norm_sum += torch.where(any_active, norms, 0.0).double().sum(1)
+        self._seen.append((f[:, new_from:], edited.expand_as(f)[:, new_from:], feature_delta[:, new_from:],
+                           active[:, new_from:], out_scale, norms))
+
+    def _reduce(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row and feature: count, Σ before, Σ after, changed positions, Σ |Δf|·‖W_dec‖·scale;
+        per row: positions edited, Σ ‖Δh‖."""
+        if self._stats is None:
+            feature_stats = torch.zeros(5, len(self.rows), len(self.features), device=self.rows.device)
+            row_stats = torch.zeros(2, len(self.rows), device=self.rows.device)
+            for f, edited, feature_delta, active, out_scale, norms in self._seen:
+                weight = active.float()
+                feature_stats += torch.stack([
+                    weight, f * weight, edited * weight, (feature_delta != 0).float(),
+                    feature_delta.abs() * self.decoder_norms * out_scale,
+                ]).sum(2)
+                any_active = active.any(-1).float()  # (R', T_new)
+                row_stats += torch.stack([any_active, norms * any_active]).sum(2)
+            self._stats, self._seen = (feature_stats.cpu(), row_stats.cpu()), []
+        return self._stats
 
     def _read_out(self, hidden: torch.Tensor, context: StepContext) -> None:
         rows_hidden = hidden.index_select(0, self.readout_rows)[:, context.new_from:]  # (R'', T_new, d)
@@ -137,27 +149,29 @@ class DictionaryHook:
         """The edit report of one row: what the edits did on this dictionary."""
         i = self.rows.tolist().index(row)
         features = self.features.tolist()
-        count = self.count[i].cpu()
+        feature_stats, row_stats = self._reduce()
+        count, before, after, changed_count, contribution = feature_stats[:, i].tolist()
         per_feature = []
         for feature in sorted({edit.feature for edit in edits}):
             j = features.index(feature)
-            n = float(count[j])
+            n = count[j]
             per_feature.append({
                 "feature": feature,
                 "ops": [edit.label() for edit in edits if edit.feature == feature],
                 "positions": int(n),
-                "mean_before": float(self.before_sum[i, j]) / n if n else None,
-                "mean_after": float(self.after_sum[i, j]) / n if n else None,
-                "mean_delta_norm": float(self.contribution_sum[i, j]) / n if n else None,
-                "changed_positions": int(self.changed[i, j]),
+                "mean_before": before[j] / n if n else None,
+                "mean_after": after[j] / n if n else None,
+                "mean_delta_norm": contribution[j] / n if n else None,
+                "changed_positions": int(changed_count[j]),
             })
-        positions = int(self.positions_edited[i])
+        positions, delta_norm_sum = row_stats[:, i].tolist()
+        positions = int(positions)
         changed = any(entry["changed_positions"] for entry in per_feature)
         result = {
             "dictionary": self.name,
             "hook": self.dictionary.config.hook,
             "positions_edited": positions,
-            "mean_delta_norm": float(self.delta_norm_sum[i]) / positions if positions else 0.0,
+            "mean_delta_norm": delta_norm_sum / positions if positions else 0.0,
             "features": per_feature,
             "changed": changed,
         }

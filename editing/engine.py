@@ -48,6 +48,7 @@ class GenerationRequest:
     edits: tuple[EditSpec, ...] = ()
     include_baseline: bool = False
     return_features: tuple[str, int] | None = None  # (dictionary, top_k)
+    ignore_eos: bool = False  # keep generating past EOS (benchmarks, fixed-length outputs)
 
 
 @dataclass
@@ -70,6 +71,7 @@ class _Row:
     readout: tuple[str, int] | None
     max_new_tokens: int
     stop: tuple[str, ...]
+    ignore_eos: bool = False
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
@@ -151,11 +153,12 @@ class Engine:
         for index, request in enumerate(requests):
             ids = self.validate(request, index)
             seed = request.seed if request.seed is not None else secrets.randbits(63)
-            rows.append(_Row(index, ids, tuple(request.edits), request.return_features, request.max_new_tokens, tuple(request.stop)))
+            common = dict(max_new_tokens=request.max_new_tokens, stop=tuple(request.stop), ignore_eos=request.ignore_eos)
+            rows.append(_Row(index, ids, tuple(request.edits), request.return_features, **common))
             seeds.append(seed)
             if request.include_baseline:
                 baseline_of[index] = len(rows)
-                rows.append(_Row(index, ids, (), None, request.max_new_tokens, tuple(request.stop)))
+                rows.append(_Row(index, ids, (), None, **common))
                 seeds.append(seed)
         settings = RowSampling(
             temperature=torch.tensor([requests[r.request].temperature for r in rows], dtype=torch.float32),
@@ -189,7 +192,8 @@ class Engine:
             for step in range(max_new):
                 end = prompt_len + step
                 start = 0 if (step == 0 or not use_cache) else end - 1
-                context = StepContext(kinds=kinds[:, start:end], new_from=0 if use_cache or step == 0 else end - 1 - start)
+                context = StepContext(kinds=kinds[:, start:end], new_from=0 if use_cache or step == 0 else end - 1 - start,
+                                      phase=PROMPT if step == 0 else GENERATED if use_cache else None)
                 for hook in hooks:
                     hook.context = context
                 output = self.model(input_ids=input_ids[:, start:end], attention_mask=mask[:, :end],
@@ -236,7 +240,7 @@ class Engine:
             if row.finish_reason is not None:
                 continue
             row.fed = step
-            if token == eos:
+            if token == eos and not row.ignore_eos:
                 row.finish_reason = "stop"
                 continue
             row.tokens.append(token)

@@ -50,6 +50,8 @@ def sample(logits: torch.Tensor, settings: RowSampling, step: int) -> torch.Tens
     """Next token of each row: ``logits (R, V)`` → ``(R,)`` long."""
     logits = logits.float()
     greedy = logits.argmax(dim=-1)  # (R,)
+    if not bool((settings.temperature > 0).any()):
+        return greedy  # an all-greedy batch needs no sort
     temperature = settings.temperature.clamp(min=1e-5).unsqueeze(-1)  # (R, 1)
     sorted_logits, order = (logits / temperature).sort(dim=-1, descending=True)  # (R, V)
     probs = sorted_logits.softmax(dim=-1)
