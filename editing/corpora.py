@@ -218,15 +218,14 @@ def _hf_reader(name: str, spec: str) -> Callable[[], Iterator[Document]]:
 
 # --- token windows ----------------------------------------------------------------------
 
-def _token_stream(documents: Iterable[Document], tokenizer, batch_size: int = 64) -> Iterator[int]:
+def _token_chunks(documents: Iterable[Document], tokenizer, batch_size: int = 64) -> Iterator[list[int]]:
+    """Token ids of each document followed by EOS, tokenized in batches."""
     eos = tokenizer.eos_token_id
     batch: list[str] = []
 
-    def flush() -> Iterator[int]:
+    def flush() -> Iterator[list[int]]:
         for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
-            yield from ids
-            if eos is not None:
-                yield eos
+            yield ids + ([eos] if eos is not None else [])
 
     for doc in documents:
         batch.append(doc.text)
@@ -257,12 +256,13 @@ def iter_token_windows(
         raise ValueError(f"context_length must be at least 2, got {context_length}")
 
     def consecutive() -> Iterator[torch.Tensor]:
-        window: list[int] = []
-        for token in _token_stream(corpus.documents(), tokenizer):
-            window.append(token)
-            if len(window) == context_length:
-                yield torch.tensor(window, dtype=torch.long)
-                window = []
+        pending: list[int] = []
+        for ids in _token_chunks(corpus.documents(), tokenizer):
+            pending.extend(ids)
+            if len(pending) >= context_length:
+                usable = len(pending) - len(pending) % context_length
+                yield from torch.tensor(pending[:usable], dtype=torch.long).view(-1, context_length)
+                pending = pending[usable:]
 
     source = consecutive()
     if seed is not None:

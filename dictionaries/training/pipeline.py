@@ -1,0 +1,106 @@
+"""Train a sweep and publish every member into the store, with metrics and feature statistics.
+
+    results = train_and_publish(loaded, config, name="l2-relu", progress=True)
+
+A sweep of one configuration is stored under ``name``; a sweep of several under
+``name-<label>`` (``l2-relu-relu-f1024-l1-3``). ``default_config()`` is the reproducible
+default dictionary for ``pythia-tiny`` that ``make serve`` deploys.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from dictionaries.store import DictionaryStore, validate_name
+from dictionaries.training.ensemble import SaeSpec
+from dictionaries.training.publish import feature_statistics, heldout_metrics, heldout_windows, member_dictionary, mmcs
+from dictionaries.training.trainer import TrainConfig, Trainer
+from editing.home import steerserve_home
+
+DEFAULT_NAME = "pythia-tiny-l2"
+HELDOUT_WINDOWS = 256  # 32k tokens of 128
+
+
+def default_config() -> TrainConfig:
+    """The default pythia-tiny dictionary: topk, 1024 features on layer 2's output."""
+    return TrainConfig(hook="blocks.2.hook_resid_post", specs=(SaeSpec("topk", 1024, k=24),),
+                       tokens=1_200_000, batch_size=2048, learning_rate=2e-3, seed=0)
+
+
+def member_names(name: str, specs: list[SaeSpec]) -> list[str]:
+    if len(specs) == 1:
+        return [validate_name(name)]
+    names = [validate_name(f"{name}-{spec.label()}") for spec in specs]
+    if len(set(names)) != len(names):
+        raise ValueError("two sweep members would get the same name; vary seeds or sizes, not duplicates")
+    return names
+
+
+def heldout_corpus(corpus: str) -> str:
+    for suffix in ("/train", "#train"):
+        if corpus.endswith(suffix):
+            return corpus[: -len(suffix)] + suffix.replace("train", "heldout")
+    return corpus + "#heldout"
+
+
+def train_and_publish(loaded, config: TrainConfig, *, name: str, store: DictionaryStore | None = None,
+                      run_dir: Path | None = None, resume: bool = False, progress: bool = True,
+                      heldout_windows_count: int = HELDOUT_WINDOWS, feature_windows: int = 64) -> list[dict]:
+    store = store or DictionaryStore()
+    names = member_names(name, list(config.specs))
+    run_dir = Path(run_dir or steerserve_home() / "runs" / name)
+    trainer = Trainer(loaded, config, run_dir)
+    bar = tqdm(total=config.tokens, unit="tok", unit_scale=True, desc=f"train {name}", disable=not progress)
+
+    def show(tokens: int, record: dict) -> None:
+        bar.update(tokens)
+        if record["step"] % 5 == 0:
+            members = record["members"]
+            mean = lambda key: sum(m[key] for m in members) / len(members)  # noqa: E731
+            bar.set_postfix(loss=f"{mean('loss'):.4f}", l0=f"{mean('l0'):.1f}", fvu=f"{mean('fvu'):.3f}",
+                            dead=f"{mean('dead'):.1%}")
+
+    started = time.time()
+    result = trainer.run(resume=resume, progress=show)
+    bar.close()
+    seconds = time.time() - started
+
+    members = []  # (spec, ensemble, index, training dead fraction)
+    for ensemble, dead in zip(result.ensembles, result.dead):
+        for n, spec in enumerate(ensemble.specs):
+            members.append((spec, ensemble, n, float(dead[n].float().mean())))
+    by_spec = {spec: i for i, (spec, *_) in enumerate(members)}  # i is also the member's index in the log
+    ordered = [members[by_spec[spec]] for spec in config.specs]
+
+    corpus = heldout_corpus(config.corpus)
+    windows = heldout_windows(loaded, corpus, config.context_length, heldout_windows_count)
+    provenance_base = {"trainer": "steerserve", "config": json.loads(json.dumps(asdict(config), default=list)),
+                       "tokens_seen": result.tokens_seen, "seconds": round(seconds, 1), "input_scale": result.scale,
+                       "run_dir": str(run_dir)}
+    dictionaries = [member_dictionary(ensemble, n, result.scale, hook=config.hook, model_name=loaded.info.name,
+                                      model_sha256=loaded.info.sha256, provenance={**provenance_base, "spec": asdict(spec)})
+                    for spec, ensemble, n, _ in ordered]
+    metrics = heldout_metrics(dictionaries, loaded, config.hook, windows)
+    published = []
+    for i, ((spec, _, _, train_dead), dictionary, member_metrics) in enumerate(zip(ordered, dictionaries, metrics)):
+        member_metrics = {
+            **member_metrics,
+            "heldout_corpus": corpus,
+            "train_dead_fraction": train_dead,
+            "train_dead_window_tokens": min(config.dead_window, result.tokens_seen),
+            "train_tokens": result.tokens_seen,
+            "train_seconds": round(seconds, 1),
+            "final_train_fvu": result.log[-1]["members"][by_spec[spec]]["fvu"] if result.log else None,
+        }
+        if len(dictionaries) > 1:
+            member_metrics["mmcs"] = {names[j]: mmcs(dictionary.W_dec, other.W_dec)
+                                      for j, other in enumerate(dictionaries) if j != i and other.config.d_in == dictionary.config.d_in}
+        extra = feature_statistics(dictionary, loaded, windows[:feature_windows], corpus)
+        store.put(names[i], dictionary, metrics=member_metrics, extra_files=extra)
+        published.append({"name": names[i], "spec": asdict(spec), "metrics": member_metrics})
+    return published

@@ -1,0 +1,303 @@
+"""Train a sweep of dictionaries on one activation stream, with checkpoints and resume.
+
+    config = TrainConfig(hook="blocks.2.hook_resid_post", tokens=2_000_000,
+                         specs=(SaeSpec("relu", 1024, l1=1.0), SaeSpec("relu", 1024, l1=3.0)))
+    result = Trainer(loaded, config, run_dir).run()
+
+Members of one architecture and size form one stacked :class:`Ensemble`; all ensembles
+consume the same batches. Adam with linear warm-up (and a linear decay over the last fifth);
+dead features are those that did not fire in the last ``dead_window`` tokens; ``relu``
+members have them resampled (encoder and decoder re-initialised towards badly
+reconstructed inputs, their Adam state reset) every ``resample_every`` tokens during the
+first half of training; ``topk`` members revive them through the AuxK loss. bfloat16
+autocast is used on CUDA.
+
+A checkpoint (weights, Adam state, dead counters, the resampling RNG and the data position)
+is written every ``checkpoint_every`` tokens as safetensors + JSON, atomically; ``resume``
+continues from it and ends with the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dictionaries.training.activations import ActivationSource, ActivationSpec
+from dictionaries.training.ensemble import Ensemble, SaeSpec
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    hook: str
+    specs: tuple[SaeSpec, ...]
+    tokens: int = 2_000_000
+    corpus: str = "builtin:pydocs/train"
+    context_length: int = 128
+    batch_size: int = 4096
+    learning_rate: float = 1e-3
+    warmup_steps: int = 50
+    dead_window: int = 250_000
+    """Tokens without firing after which a feature counts as dead."""
+    resample_every: int | None = 200_000
+    """Tokens between dead-feature resamplings (relu; only in the first half of training)."""
+    aux_coefficient: float = 1 / 32
+    member_tokens: int = 4096
+    """Work size of one stacked step: a batch is processed in slices of member_tokens / N
+    tokens with gradients accumulated (same result, far better cache use on CPUs)."""
+    checkpoint_every: int | None = None
+    """Tokens between checkpoints (None: none)."""
+    seed: int = 0
+    """Data order and resampling."""
+    cache: bool = False
+    """Cache the activations on disk and reuse them."""
+
+    def __post_init__(self):
+        if not self.specs:
+            raise ValueError("a training run needs at least one configuration")
+        if self.batch_size <= 0 or self.tokens < self.batch_size:
+            raise ValueError("tokens must be at least one batch")
+
+
+@dataclass
+class TrainResult:
+    ensembles: list[Ensemble]
+    specs: list[list[SaeSpec]]
+    scale: float
+    """Input scale: activations were multiplied by it (E‖x‖² = d_in)."""
+    tokens_seen: int
+    dead: list[torch.Tensor] = field(default_factory=list)  # (N, F) bool per ensemble
+    log: list[dict] = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(self, loaded, config: TrainConfig, run_dir: Path | str):
+        self.loaded = loaded
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.device = next(loaded.model.parameters()).device
+        self.source = ActivationSource(loaded, ActivationSpec(
+            hook=config.hook, tokens=config.tokens, corpus=config.corpus, context_length=config.context_length,
+            seed=config.seed), cache=config.cache)
+        self.d_in = self.source.d_in
+        groups: dict[tuple, list[SaeSpec]] = {}
+        for spec in config.specs:
+            groups.setdefault(spec.group_key(), []).append(spec)
+        self.groups = list(groups.values())
+
+    # --- schedule -----------------------------------------------------------------------------
+
+    def total_steps(self) -> int:
+        return math.ceil(self.config.tokens / self.config.batch_size)
+
+    def learning_rate(self, step: int) -> float:
+        total, warmup = self.total_steps(), self.config.warmup_steps
+        if step < warmup:
+            return self.config.learning_rate * (step + 1) / warmup
+        decay_start = int(total * 0.8)
+        if step >= decay_start:
+            return self.config.learning_rate * max(0.0, (total - step) / max(1, total - decay_start))
+        return self.config.learning_rate
+
+    # --- the run ------------------------------------------------------------------------------------
+
+    def run(self, *, resume: bool = False, progress: Callable[[int, dict], None] | None = None) -> TrainResult:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        batches = None
+        state = self._load_checkpoint() if resume else None
+        if state is None:
+            batches = self.source.batches(self.config.batch_size)
+            first = next(batches).to(self.device)
+            scale = float((self.d_in / first.pow(2).sum(-1).mean()).sqrt())
+            ensembles = [Ensemble(specs, self.d_in, b_dec_init=(first * scale).mean(0).cpu()).to(self.device)
+                         for specs in self.groups]
+            optimizers = [torch.optim.Adam(e.parameters(), lr=self.config.learning_rate) for e in ensembles]
+            since_fired = [torch.zeros(len(s), s[0].d_sae, device=self.device) for s in self.groups]
+            generator = torch.Generator().manual_seed(self.config.seed + 1)
+            step, pending = 0, [first]
+            log_file = (self.run_dir / "log.jsonl").open("w")
+        else:
+            ensembles, optimizers, since_fired, generator, step, scale = state
+            batches = self.source.batches(self.config.batch_size, skip=step)
+            pending = []
+            log_file = (self.run_dir / "log.jsonl").open("a")
+
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else _nullcontext()
+        checkpoint_every = self.config.checkpoint_every
+        tokens_seen = step * self.config.batch_size
+        log = []
+        started = time.time()
+        try:
+            for raw in _chain(pending, batches):
+                x = raw.to(self.device) * scale  # (B, d)
+                lr = self.learning_rate(step)
+                stats = []
+                for ensemble, optimizer, counter in zip(ensembles, optimizers, since_fired):
+                    dead = counter >= self.config.dead_window
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    optimizer.zero_grad(set_to_none=True)
+                    out = self._accumulate_gradients(ensemble, x, dead, autocast)
+                    ensemble.constrain_before_step()
+                    optimizer.step()
+                    ensemble.constrain_after_step()
+                    counter.add_(len(x)).masked_fill_(out["fired"], 0)
+                    stats.append({k: out[k].float().tolist() for k in ("loss", "mse", "fvu", "l0")}
+                                 | {"dead": (counter >= self.config.dead_window).float().mean(-1).tolist()})
+                step += 1
+                tokens_seen += len(x)
+                resampled = 0
+                if self.config.resample_every and tokens_seen <= self.config.tokens // 2 and \
+                        tokens_seen // self.config.resample_every != (tokens_seen - len(x)) // self.config.resample_every:
+                    for ensemble, optimizer, counter in zip(ensembles, optimizers, since_fired):
+                        if ensemble.architecture == "relu":
+                            dead = counter >= self.config.dead_window
+                            resampled += resample_dead(ensemble, optimizer, dead, x, generator)
+                            counter.masked_fill_(dead, 0)  # a resampled feature gets a new window
+                record = {"step": step, "tokens": tokens_seen, "lr": lr, "seconds": round(time.time() - started, 3),
+                          "resampled": resampled,
+                          "members": [dict(zip(("loss", "mse", "fvu", "l0", "dead"), values))
+                                      for s in stats for values in zip(*(s[k] for k in ("loss", "mse", "fvu", "l0", "dead")))]}
+                log.append(record)
+                log_file.write(json.dumps(record) + "\n")
+                if progress is not None:
+                    progress(len(x), record)
+                if checkpoint_every and tokens_seen // checkpoint_every != (tokens_seen - len(x)) // checkpoint_every:
+                    self._save_checkpoint(ensembles, optimizers, since_fired, generator, step, scale)
+        finally:
+            log_file.close()
+        dead = [counter >= min(self.config.dead_window, tokens_seen) for counter in since_fired]
+        return TrainResult(ensembles=ensembles, specs=self.groups, scale=scale, tokens_seen=tokens_seen, dead=dead, log=log)
+
+    def _accumulate_gradients(self, ensemble: Ensemble, x: torch.Tensor, dead: torch.Tensor, autocast) -> dict:
+        total_variance = (x - x.mean(0)).pow(2).sum()
+        size = max(1, self.config.member_tokens // len(ensemble.specs))
+        totals: dict = {}
+        for piece in x.split(size):
+            weight = len(piece) / len(x)
+            with autocast:
+                out = ensemble.losses(piece, dead if ensemble.architecture == "topk" else None,
+                                      self.config.aux_coefficient, total_variance)
+            (out["loss"].sum() * weight + out["aux"].sum()).backward()
+            totals["loss"] = totals.get("loss", 0) + out["loss"].detach() * weight + out["aux"].detach()
+            for key in ("mse", "l0"):
+                totals[key] = totals.get(key, 0) + out[key].detach() * weight
+            totals["fvu"] = totals.get("fvu", 0) + out["fvu"]  # already divided by the whole batch's variance
+            totals["fired"] = out["fired"] | totals["fired"] if "fired" in totals else out["fired"]
+        return totals
+
+    # --- checkpoints ------------------------------------------------------------------------------------
+
+    def _save_checkpoint(self, ensembles, optimizers, since_fired, generator, step, scale) -> None:
+        tensors: dict[str, torch.Tensor] = {"generator": generator.get_state()}
+        adam_steps = {}
+        for g, (ensemble, optimizer, counter) in enumerate(zip(ensembles, optimizers, since_fired)):
+            tensors[f"g{g}.since_fired"] = counter
+            for name, param in ensemble.named_parameters():
+                tensors[f"g{g}.param.{name}"] = param.detach()
+                state = optimizer.state.get(param, {})
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if key in state:
+                        tensors[f"g{g}.adam.{name}.{key}"] = state[key]
+                if "step" in state:
+                    adam_steps[f"g{g}.{name}"] = float(state["step"])
+        meta = {"step": step, "scale": scale, "adam_steps": adam_steps, "config": _jsonable(asdict(self.config))}
+        staging = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=self.run_dir))
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(staging / "state.safetensors"))
+        (staging / "state.json").write_text(json.dumps(meta, indent=2))
+        target = self.run_dir / "checkpoint"
+        old = self.run_dir / f".checkpoint.old-{time.time_ns()}"
+        if target.exists():
+            target.rename(old)
+        os.rename(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _load_checkpoint(self):
+        target = self.run_dir / "checkpoint"
+        if not (target / "state.json").is_file():
+            return None
+        meta = json.loads((target / "state.json").read_text())
+        if meta["config"] != _jsonable(asdict(self.config)):
+            raise ValueError(f"{target}: the checkpoint was written by a run with different settings; "
+                             "resume with the same arguments, or start over without --resume")
+        tensors = load_file(str(target / "state.safetensors"))
+        ensembles, optimizers, since_fired = [], [], []
+        for g, specs in enumerate(self.groups):
+            ensemble = Ensemble(specs, self.d_in).to(self.device)
+            with torch.no_grad():
+                for name, param in ensemble.named_parameters():
+                    param.copy_(tensors[f"g{g}.param.{name}"])
+            optimizer = torch.optim.Adam(ensemble.parameters(), lr=self.config.learning_rate)
+            for name, param in ensemble.named_parameters():
+                if f"g{g}.{name}" in meta["adam_steps"]:
+                    optimizer.state[param] = {
+                        "step": torch.tensor(meta["adam_steps"][f"g{g}.{name}"]),
+                        "exp_avg": tensors[f"g{g}.adam.{name}.exp_avg"].to(self.device),
+                        "exp_avg_sq": tensors[f"g{g}.adam.{name}.exp_avg_sq"].to(self.device),
+                    }
+            ensembles.append(ensemble)
+            optimizers.append(optimizer)
+            since_fired.append(tensors[f"g{g}.since_fired"].to(self.device))
+        generator = torch.Generator()
+        generator.set_state(tensors["generator"])
+        return ensembles, optimizers, since_fired, generator, meta["step"], meta["scale"]
+
+
+@torch.no_grad()
+def resample_dead(ensemble: Ensemble, optimizer: torch.optim.Optimizer, dead: torch.Tensor, x: torch.Tensor,
+                  generator: torch.Generator) -> int:
+    """Re-initialise dead relu features towards inputs the member reconstructs worst."""
+    if not bool(dead.any()):
+        return 0
+    _, f = ensemble.encode(x)
+    errors = (ensemble.decode(f) - x.unsqueeze(0)).pow(2).sum(-1)  # (N, B)
+    resampled = 0
+    for n in range(len(ensemble.specs)):
+        features = dead[n].nonzero().squeeze(-1)
+        if not len(features):
+            continue
+        weights = errors[n].cpu().double() + 1e-12
+        picks = torch.multinomial(weights, len(features), replacement=True, generator=generator).to(x.device)
+        directions = x[picks] - ensemble.b_dec[n]  # (|D|, d)
+        directions = directions / directions.norm(dim=-1, keepdim=True).clamp(min=1e-8)
+        alive = ~dead[n]
+        encoder_norm = ensemble.encoder[n][:, alive].norm(dim=0).mean() if bool(alive.any()) else torch.tensor(1.0)
+        scale_dec = 1.0 if ensemble.unit_norm else float(ensemble.W_dec[n][alive].norm(dim=-1).mean()) if bool(alive.any()) else 0.1
+        ensemble.W_dec[n, features] = directions * scale_dec
+        if not ensemble.tied:
+            ensemble.W_enc[n][:, features] = (directions * 0.2 * encoder_norm).T
+        ensemble.b_enc[n, features] = 0.0
+        for param, index in ((ensemble.W_dec, (n, features)), (ensemble.b_enc, (n, features))) + \
+                (((ensemble.W_enc, (n, slice(None), features)),) if not ensemble.tied else ()):
+            state = optimizer.state.get(param)
+            if state:
+                state["exp_avg"][index] = 0.0
+                state["exp_avg_sq"][index] = 0.0
+        resampled += len(features)
+    return resampled
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _chain(first: list, rest):
+    yield from first
+    yield from rest
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=list))

@@ -1,0 +1,155 @@
+"""The trainer: activation stream, cache, sweeps, resume, dead features, publishing."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dictionaries.store import DictionaryStore
+from dictionaries.training.activations import ActivationSource, ActivationSpec
+from dictionaries.training.ensemble import Ensemble, SaeSpec
+from dictionaries.training.pipeline import train_and_publish
+from dictionaries.training.trainer import TrainConfig, Trainer, resample_dead
+from editing.corpora import iter_token_windows, open_corpus
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+def test_stream_equals_a_direct_forward(small_model, tmp_path):
+    spec = ActivationSpec(hook=HOOK, tokens=3 * 32 * 4, context_length=32, windows_per_forward=4, shuffle_tokens=0)
+    source = ActivationSource(small_model, spec, root=tmp_path)
+    streamed = torch.cat(list(source.batches(64)))  # (384, 32)
+    windows = torch.stack(list(iter_token_windows(open_corpus(spec.corpus), small_model.tokenizer, 32, seed=0,
+                                                  max_windows=12)))
+    with torch.no_grad():
+        hidden = small_model.model(windows, output_hidden_states=True).hidden_states[2]  # output of layer 1
+    assert torch.equal(streamed, hidden.reshape(-1, 32))
+
+
+def test_shuffled_stream_is_a_fixed_permutation(small_model, tmp_path):
+    plain = ActivationSpec(hook=HOOK, tokens=2000, context_length=32, shuffle_tokens=0)
+    mixed = ActivationSpec(hook=HOOK, tokens=2000, context_length=32, shuffle_tokens=512)
+    a = torch.cat(list(ActivationSource(small_model, plain, root=tmp_path).batches(100)))
+    b = torch.cat(list(ActivationSource(small_model, mixed, root=tmp_path).batches(100)))
+    c = torch.cat(list(ActivationSource(small_model, mixed, root=tmp_path).batches(100, skip=3)))
+    assert len(a) == len(b) == 2000 and not torch.equal(a, b)
+    assert sorted(map(tuple, a.tolist())) == sorted(map(tuple, b.tolist()))  # same tokens, another order
+    assert torch.equal(c, b[300:])
+
+
+def test_cache_is_reused_and_identical(small_model, tmp_path):
+    spec = ActivationSpec(hook=HOOK, tokens=5000, context_length=32, shuffle_tokens=1024)
+    first = ActivationSource(small_model, spec, cache=True, root=tmp_path)
+    assert not first.is_cached()
+    fresh = torch.cat(list(first.batches(256)))
+    assert first.is_cached()
+    calls = []
+    handle = small_model.model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        again = torch.cat(list(ActivationSource(small_model, spec, cache=True, root=tmp_path).batches(256)))
+    finally:
+        handle.remove()
+    assert calls == [] and torch.equal(fresh, again)
+    other = ActivationSource(small_model, ActivationSpec(hook="blocks.0.hook_resid_post", tokens=5000, context_length=32),
+                             cache=True, root=tmp_path)
+    assert other.key() != first.key() and not other.is_cached()
+
+
+def _config(specs, **changes):
+    settings = dict(hook=HOOK, specs=tuple(specs), tokens=6144, batch_size=512, context_length=32,
+                    learning_rate=3e-3, warmup_steps=3, dead_window=2048, resample_every=2048)
+    return TrainConfig(**{**settings, **changes})
+
+
+@pytest.mark.parametrize("member", [SaeSpec("relu", 96, l1=2.0, seed=3), SaeSpec("topk", 96, k=6, seed=4)])
+def test_a_sweep_member_equals_the_same_run_alone(small_model, tmp_path, member):
+    sweep = [SaeSpec("relu", 96, l1=0.5, seed=1), member, SaeSpec("relu", 96, l1=8.0, seed=2),
+             SaeSpec("topk", 96, k=3, seed=5), SaeSpec("relu", 64, l1=1.0)]
+    together = Trainer(small_model, _config(sweep), tmp_path / "sweep").run()
+    alone = Trainer(small_model, _config([member]), tmp_path / "alone").run()
+    group = next(e for e in together.ensembles if member in e.specs)
+    n = group.specs.index(member)
+    for key, value in alone.ensembles[0].member_weights(0).items():
+        torch.testing.assert_close(group.member_weights(n)[key], value, atol=2e-4, rtol=1e-3)
+    assert len(together.ensembles) == 3  # relu-96, topk-96, relu-64 stacks
+
+
+def test_resume_equals_uninterrupted(small_model, tmp_path):
+    specs = [SaeSpec("relu", 64, l1=1.0), SaeSpec("relu", 64, l1=4.0, seed=1), SaeSpec("topk", 64, k=4)]
+    config = _config(specs, checkpoint_every=1536)
+    straight = Trainer(small_model, config, tmp_path / "straight").run()
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_step_7(tokens, record):
+        if record["step"] == 7:
+            raise Stop
+
+    interrupted = Trainer(small_model, config, tmp_path / "resumed")
+    with pytest.raises(Stop):
+        interrupted.run(progress=stop_after_step_7)
+    assert json.loads((tmp_path / "resumed" / "checkpoint" / "state.json").read_text())["step"] == 6
+    resumed = Trainer(small_model, config, tmp_path / "resumed").run(resume=True)
+    assert resumed.tokens_seen == straight.tokens_seen == 6144
+    for a, b in zip(straight.ensembles, resumed.ensembles):
+        for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+            assert torch.equal(p, q), name
+    with pytest.raises(ValueError, match="different settings"):
+        Trainer(small_model, _config(specs, checkpoint_every=1536, learning_rate=1e-2), tmp_path / "resumed").run(resume=True)
+
+
+def test_dead_features_are_detected_and_resampled(small_model, tmp_path):
+    ensemble = Ensemble([SaeSpec("relu", 32, l1=1.0), SaeSpec("relu", 32, l1=1.0, seed=1)], d_in=32)
+    optimizer = torch.optim.Adam(ensemble.parameters())
+    x = torch.randn(256, 32)
+    with torch.no_grad():
+        ensemble.b_enc[0, :5] = -1e3  # features 0..4 of member 0 can never fire
+    out = ensemble.losses(x)
+    out["loss"].sum().backward()
+    optimizer.step()
+    dead = ~out["fired"]
+    assert dead[0, :5].all() and not dead[1].any()
+    assert resample_dead(ensemble, optimizer, dead, x, torch.Generator().manual_seed(0)) == int(dead.sum())
+    assert (ensemble.b_enc[0, :5] == 0).all()
+    assert optimizer.state[ensemble.b_enc]["exp_avg"][0, :5].eq(0).all()
+    assert ensemble.encode(x)[1][0, :, :5].gt(0).any(0).all()  # they fire again
+
+    # In a run, a strong L1 with a high learning rate kills relu features; the trainer sees
+    # them die (dead = no firing in the last dead_window tokens) and resamples them.
+    run = Trainer(small_model, _config([SaeSpec("relu", 128, l1=100.0)], dead_window=1024, tokens=16384,
+                                       learning_rate=3e-2), tmp_path).run()
+    resampling = [i for i, r in enumerate(run.log) if r["resampled"]]
+    assert resampling
+    first = run.log[resampling[0]]
+    assert first["resampled"] == round(first["members"][0]["dead"] * 128) > 0
+    assert run.log[resampling[0] + 1]["members"][0]["dead"] < first["members"][0]["dead"]
+    assert run.log[resampling[0] + 1]["members"][0]["l0"] > first["members"][0]["l0"]
+
+
+def test_published_dictionaries_load_through_the_store(small_model, tmp_path):
+    store = DictionaryStore(tmp_path / "store")
+    specs = [SaeSpec("relu", 64, l1=1.0), SaeSpec("topk", 64, k=4)]
+    published = train_and_publish(small_model, _config(specs), name="small", store=store, run_dir=tmp_path / "run",
+                                  progress=False, heldout_windows_count=16, feature_windows=8)
+    assert [p["name"] for p in published] == ["small-relu-f64-l1-1", "small-topk-f64-k4"]
+    for entry in published:
+        dictionary = store.load(entry["name"])
+        info = store.info(entry["name"])
+        metrics = info["metrics"]
+        assert 0 < metrics["fvu"] < 1.5 and metrics["l0"] > 0 and 0 <= metrics["dead_fraction"] <= 1
+        assert metrics["dead_window_tokens"] == 16 * 32
+        assert set(metrics["mmcs"]) == {p["name"] for p in published} - {entry["name"]}
+        assert info["config"]["normalization"]["kind"] == "scale"
+        assert info["config"]["model"]["sha256"] == small_model.info.sha256
+        assert {"features.json", "features.safetensors", "metrics.json"} <= set(info["files"])
+        features = load_file(store.path(entry["name"]) / "features.safetensors")
+        assert features["density"].shape == (64,) and features["lens_promoted"].shape == (64, 10)
+        # a top context's centre token carries the recorded maximum activation
+        feature = int(features["density"].argmax())
+        centre = json.loads((store.path(entry["name"]) / "features.json").read_text())["context_center"]
+        assert abs(float(features["context_acts"][feature, 0, centre]) - float(features["context_max"][feature, 0])) < 1e-5
+        x = torch.randn(4, 32)
+        assert dictionary(x).shape == (4, 32)
+    assert (tmp_path / "run" / "log.jsonl").read_text().count("\n") == 12
