@@ -83,6 +83,22 @@ def pythia_70m_shape(pythia_tiny):
     return model, pythia_tiny.tokenizer
 
 
+@pytest.fixture(scope="session")
+def default_dictionary(pythia_tiny):
+    """The default pythia-tiny dictionary, trained by `steerserve train --default`'s code
+    (about a minute) into the test home's store and reused while its config is unchanged."""
+    import dataclasses
+
+    from dictionaries.store import DictionaryStore
+    from dictionaries.training.pipeline import DEFAULT_NAME, default_config, train_and_publish
+
+    store = DictionaryStore()
+    wanted = json.loads(json.dumps(dataclasses.asdict(default_config()), default=list))
+    if DEFAULT_NAME not in store or store.config(DEFAULT_NAME).provenance.get("config") != wanted:
+        train_and_publish(pythia_tiny, default_config(), name=DEFAULT_NAME, store=store, progress=False)
+    return DEFAULT_NAME, store.load(DEFAULT_NAME)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

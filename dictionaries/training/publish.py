@@ -25,6 +25,7 @@ from safetensors.torch import save
 from dictionaries.config import DictionaryConfig
 from dictionaries.sae import Dictionary
 from editing.corpora import open_corpus, token_windows
+from editing.lens import logit_lens
 from editing.nethook import Trace
 
 CONTEXTS = 5
@@ -119,7 +120,7 @@ def feature_statistics(dictionary: Dictionary, loaded, windows: torch.Tensor, co
             context_tokens[feature, c, offset : offset + hi - lo] = windows[w, lo:hi].to(torch.int32)
             context_acts[feature, c, offset : offset + hi - lo] = window_acts[w][lo:hi, feature]
 
-    promoted, promoted_values, suppressed, suppressed_values = logit_lens(dictionary, loaded.model)
+    promoted, promoted_values, suppressed, suppressed_values = logit_lens(dictionary.W_dec, loaded.model, LENS_K)
     tensors = {
         "density": count / (len(windows) * context_length),
         "mean_activation": torch.where(count > 0, act_sum / count.clamp(min=1), 0.0),
@@ -134,24 +135,6 @@ def feature_statistics(dictionary: Dictionary, loaded, windows: torch.Tensor, co
             "context_center": BEFORE}
     return {"features.safetensors": save({k: v.contiguous() for k, v in tensors.items()}),
             "features.json": (json.dumps(meta, indent=2) + "\n").encode()}
-
-
-@torch.no_grad()
-def logit_lens(dictionary: Dictionary, model) -> tuple[torch.Tensor, ...]:
-    """Top promoted and suppressed tokens of each decoder row through the final norm's gain and the unembedding."""
-    directions = dictionary.W_dec.float()  # (F, d)
-    directions = directions - directions.mean(-1, keepdim=True)  # the final LayerNorm removes the mean
-    norm = getattr(getattr(model, "gpt_neox", model), "final_layer_norm", None)
-    if norm is not None:
-        directions = directions * norm.weight.float().to(directions.device)
-    unembed = model.get_output_embeddings().weight.float().to(directions.device)  # (V, d)
-    promoted, suppressed = [], []
-    for chunk in directions.split(1024):
-        logits = chunk @ unembed.T  # (f, V)
-        promoted.append(logits.topk(LENS_K, dim=-1))
-        suppressed.append((-logits).topk(LENS_K, dim=-1))
-    return (torch.cat([p.indices for p in promoted]).int().cpu(), torch.cat([p.values for p in promoted]).cpu(),
-            torch.cat([s.indices for s in suppressed]).int().cpu(), -torch.cat([s.values for s in suppressed]).cpu())
 
 
 @torch.no_grad()

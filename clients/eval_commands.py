@@ -1,0 +1,84 @@
+"""``steerserve eval``: what a dictionary, and optionally a set of edits, costs in next-token loss.
+
+    steerserve eval --dictionary pythia-tiny-l2 [--edit DICT:FEATURE:OP[:VALUE]]... [--tokens N] [--json]
+    steerserve eval --dictionary pythia-tiny-l2 --feature 77        # one feature's effect and logit lens
+"""
+
+from __future__ import annotations
+
+import json
+
+
+def _load(args):
+    from dictionaries.store import DictionaryStore
+    from editing.edits import parse_edit
+    from editing.model import load_model
+
+    store = DictionaryStore()
+    edits = [parse_edit(text) for text in args.edit or []]
+    names = {args.dictionary} | {edit.dictionary for edit in edits}
+    configs = {name: store.config(name) for name in names}
+    model = args.model or configs[args.dictionary].model_name or "pythia-tiny"
+    loaded = load_model(model, device=args.device, progress=True)
+    dictionaries = {name: store.load(name, device=args.device) for name in names}
+    return store, loaded, dictionaries, edits
+
+
+def _eval(args) -> int:
+    from tqdm.auto import tqdm
+
+    from editing.evaluate import evaluate, feature_effect
+
+    store, loaded, dictionaries, edits = _load(args)
+    if args.feature is not None:
+        effect = feature_effect(loaded, dictionaries, args.dictionary, args.feature, corpus=args.corpus,
+                                tokens=args.tokens)
+        print(json.dumps(effect, indent=2))
+        return 0
+    bar = tqdm(total=1.0, desc=f"eval {args.dictionary}", bar_format="{l_bar}{bar}| {postfix}", disable=args.json)
+
+    def progress(fraction: float, message: str) -> None:
+        bar.n = fraction
+        bar.set_postfix_str(message)
+
+    report = evaluate(loaded, dictionaries, args.dictionary, edits=edits, corpus=args.corpus, tokens=args.tokens,
+                      progress=progress)
+    bar.close()
+    if args.write_metrics:
+        metrics = store.info(args.dictionary)["metrics"] or {}
+        metrics.update({"ce_loss_recovered": report["ce_loss_recovered"]["mean"],
+                        "kl_spliced": report["kl"]["spliced"]["mean"],
+                        "ce_clean": report["ce"]["clean"]["mean"], "ce_spliced": report["ce"]["spliced"]["mean"],
+                        "ce_zero": report["ce"]["zero"]["mean"], "evaluation": report})
+        store.write_file(args.dictionary, "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{args.dictionary} at {report['hook']}: {report['tokens']} tokens of {report['corpus']} "
+          f"({report['windows']} windows of {report['context_length']})")
+    print(f"  {'run':<9} {'CE (nats)':>18} {'perplexity':>11}")
+    for name in ("clean", "spliced", "zero", "edited"):
+        ce = report["ce"][name]
+        print(f"  {name:<9} {ce['mean']:>10.4f} ± {ce['se']:.4f} {ce['perplexity']:>11.2f}"
+              + ("   (no edits)" if name == "edited" and not edits else ""))
+    rows = [("CE loss recovered", report["ce_loss_recovered"]), ("KL clean‖spliced", report["kl"]["spliced"]),
+            ("KL clean‖edited", report["kl"]["edited"]), ("fvu", report["fvu"]), ("l0", report["l0"])]
+    for label, value in rows:
+        print(f"  {label:<18} {value['mean']:>10.4f} ± {value['se']:.4f}")
+    print(f"  {'dead fraction':<18} {report['dead_fraction']:>10.4f}   (over {report['dead_window_tokens']} tokens)")
+    print(f"  {report['tokens_per_second']:.0f} tokens/s")
+    return 0
+
+
+def add_commands(commands) -> None:
+    parser = commands.add_parser("eval", help="evaluate a dictionary (and edits) by next-token loss")
+    parser.add_argument("--dictionary", required=True)
+    parser.add_argument("--edit", action="append", help="DICT:FEATURE:OP[:VALUE], repeatable")
+    parser.add_argument("--feature", type=int, help="report one feature's ablation effect and logit lens instead")
+    parser.add_argument("--corpus", default="builtin:pydocs/heldout")
+    parser.add_argument("--tokens", type=int, default=32768)
+    parser.add_argument("--model", help="default: the model the dictionary was trained on")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--write-metrics", action="store_true", help="store the results in the dictionary's metrics.json")
+    parser.set_defaults(handler=_eval)

@@ -1,0 +1,82 @@
+"""``steerserve train``: train dictionaries offline (a sweep in one pass) and publish them.
+
+    steerserve train --model pythia-tiny --hook blocks.2.hook_resid_post --arch relu --d-sae 1024 \\
+                     --l1 1,3 --tokens 2000000 --name l2-relu [--resume] [--cache]
+    steerserve train --default          # the default pythia-tiny dictionary that `make serve` uses
+
+Comma-separated ``--l1``, ``--k``, ``--d-sae`` and ``--seeds`` make a sweep: every
+combination is trained together on one activation stream and stored as ``NAME-<label>``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def _train(args) -> int:
+    from dictionaries.training.ensemble import SaeSpec
+    from dictionaries.training.pipeline import DEFAULT_NAME, default_config, train_and_publish
+    from dictionaries.training.trainer import TrainConfig
+    from editing.model import load_model
+
+    if args.default:
+        config, name, model = default_config(), DEFAULT_NAME, "pythia-tiny"
+    else:
+        missing = [flag for flag, value in (("--hook", args.hook), ("--name", args.name)) if not value]
+        if missing:
+            print(f"error: {' and '.join(missing)} required (or use --default)", file=sys.stderr)
+            return 2
+        specs = []
+        for d_sae, seed in itertools.product(_ints(args.d_sae), _ints(args.seeds)):
+            if args.arch == "topk":
+                specs += [SaeSpec("topk", d_sae, k=k, seed=seed) for k in _ints(args.k or "32")]
+            else:
+                specs += [SaeSpec("relu", d_sae, l1=l1, seed=seed, tied=args.tied, l1_mode=args.l1_mode)
+                          for l1 in _floats(args.l1 or "1")]
+        config = TrainConfig(hook=args.hook, specs=tuple(specs), tokens=args.tokens, corpus=args.corpus,
+                             context_length=args.context_length, batch_size=args.batch_size,
+                             learning_rate=args.lr, seed=args.seed, cache=args.cache,
+                             checkpoint_every=args.checkpoint_every)
+        name, model = args.name, args.model
+    loaded = load_model(model, device=args.device)
+    published = train_and_publish(loaded, config, name=name, resume=args.resume, progress=True)
+    print(f"{'name':<36} {'fvu':>7} {'l0':>7} {'dead':>6}   (held-out, {published[0]['metrics']['dead_window_tokens']} tokens)")
+    for entry in published:
+        m = entry["metrics"]
+        print(f"{entry['name']:<36} {m['fvu']:>7.4f} {m['l0']:>7.2f} {m['dead_fraction']:>6.1%}")
+    return 0
+
+
+def add_commands(commands) -> None:
+    train = commands.add_parser("train", help="train dictionaries and publish them to the store")
+    train.add_argument("--default", action="store_true", help="train the default pythia-tiny dictionary")
+    train.add_argument("--model", default="pythia-tiny")
+    train.add_argument("--hook", help="e.g. blocks.2.hook_resid_post")
+    train.add_argument("--arch", choices=("relu", "topk"), default="relu")
+    train.add_argument("--d-sae", default="1024", help="features; comma-separated for a sweep")
+    train.add_argument("--l1", help="relu sparsity coefficients, comma-separated (default 1)")
+    train.add_argument("--k", help="topk active features, comma-separated (default 32)")
+    train.add_argument("--seeds", default="0", help="initialisation seeds, comma-separated")
+    train.add_argument("--tied", action="store_true", help="relu: tie W_enc to W_decᵀ")
+    train.add_argument("--l1-mode", choices=("decoder_norm", "unit_norm"), default="decoder_norm")
+    train.add_argument("--tokens", type=int, default=2_000_000)
+    train.add_argument("--corpus", default="builtin:pydocs/train")
+    train.add_argument("--context-length", type=int, default=128)
+    train.add_argument("--batch-size", type=int, default=4096)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--seed", type=int, default=0, help="data order and resampling")
+    train.add_argument("--checkpoint-every", type=int, help="tokens between checkpoints")
+    train.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    train.add_argument("--cache", action="store_true", help="cache activations on disk and reuse them")
+    train.add_argument("--device", default="cpu")
+    train.add_argument("--name", help="store name (sweep members get NAME-<label>)")
+    train.set_defaults(handler=_train)
