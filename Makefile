@@ -15,16 +15,17 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[serve,test]"
 	@touch $(STAMP)
 
 install: $(STAMP)
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 $(BIN)/python -m pytest -q tests
+	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled \
+		$(BIN)/python -m pytest -q tests
 
 serve: $(STAMP)
-	$(BIN)/steerserve serve
+	RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled $(BIN)/steerserve serve
 
 clean-venv:
 	rm -rf $(VENV)

@@ -5,6 +5,9 @@
     steerserve dict list | show NAME [--json] | import PATH --format F --name NAME | rm NAME
     steerserve train --default | --hook H --arch relu|topk --d-sae N --l1 A,B --tokens N --name NAME
     steerserve eval --dictionary NAME [--edit DICT:FEATURE:OP[:VALUE]]... [--tokens N] [--json]
+    steerserve serve [--config FILE] [--port N]
+    steerserve generate "PROMPT" --edit DICT:FEATURE:OP[:VALUE] [--baseline] [--server URL]
+    steerserve inspect "TEXT" --dictionary NAME | steerserve features NAME I
 
 Commands import torch and the model code lazily, inside the handler that needs them, so
 commands that only talk HTTP start fast and work without torch.
@@ -65,11 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(handler=_models_list)
 
-    from clients import dict_commands, eval_commands, train_commands
+    from clients import dict_commands, eval_commands, serve_commands, train_commands
 
     dict_commands.add_commands(commands)
     train_commands.add_commands(commands)
     eval_commands.add_commands(commands)
+    serve_commands.add_commands(commands)
 
     return parser
 

@@ -1,0 +1,142 @@
+"""The Python client for a steerserve server (``requests`` only; no torch).
+
+    from clients.client import Client, Ablate, Scale
+    client = Client("http://127.0.0.1:8000")
+    out = client.generate("Return the number of", max_new_tokens=16, include_baseline=True,
+                          edits=[Ablate("pythia-tiny-l2", 312), Scale("pythia-tiny-l2", 77, 4.0)])
+    out["text"], out["baseline"]["text"], out["edit_report"]
+    for chunk in client.complete("def main(", max_tokens=16, stream=True): ...
+
+Connection errors and 503s are retried with exponential backoff; any other error raises
+:class:`SteerserveError`, which carries the server's error envelope.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Iterator
+
+import requests
+
+
+class SteerserveError(Exception):
+    """An error answer from the server: ``status``, ``type``, ``message``, ``param``."""
+
+    def __init__(self, status: int, body: dict | None, text: str = ""):
+        error = (body or {}).get("error") or {}
+        self.status, self.body = status, body
+        self.type = error.get("type", "http_error")
+        self.message = error.get("message") or text or f"HTTP {status}"
+        self.param = error.get("param")
+        super().__init__(f"{status} {self.type}: {self.message}" + (f" (param: {self.param})" if self.param else ""))
+
+
+def Ablate(dictionary: str, feature: int, positions: str = "all") -> dict:  # noqa: N802 - reads like a type
+    return {"dictionary": dictionary, "feature": feature, "op": "ablate", "positions": positions}
+
+
+def Scale(dictionary: str, feature: int, value: float, positions: str = "all") -> dict:  # noqa: N802
+    return {"dictionary": dictionary, "feature": feature, "op": "scale", "value": value, "positions": positions}
+
+
+def Set(dictionary: str, feature: int, value: float, positions: str = "all") -> dict:  # noqa: N802
+    return {"dictionary": dictionary, "feature": feature, "op": "set", "value": value, "positions": positions}
+
+
+def Add(dictionary: str, feature: int, value: float, positions: str = "all") -> dict:  # noqa: N802
+    return {"dictionary": dictionary, "feature": feature, "op": "add", "value": value, "positions": positions}
+
+
+class Client:
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", *, timeout: float = 120.0, retries: int = 3,
+                 backoff: float = 0.5, api_key: str | None = None):
+        self.base_url = base_url.rstrip("/")
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self.session = requests.Session()
+        if api_key:
+            self.session.headers["Authorization"] = f"Bearer {api_key}"
+
+    # --- transport ----------------------------------------------------------------------------------
+
+    def _request(self, method: str, path: str, body: dict | None = None, *, stream: bool = False) -> requests.Response:
+        for attempt in range(self.retries + 1):
+            try:
+                response = self.session.request(method, self.base_url + path, json=body, timeout=self.timeout,
+                                                stream=stream)
+            except requests.ConnectionError:
+                if attempt == self.retries:
+                    raise
+            else:
+                if response.status_code != 503 or attempt == self.retries:
+                    if response.status_code >= 400:
+                        try:
+                            payload = response.json()
+                        except ValueError:
+                            payload = None
+                        raise SteerserveError(response.status_code, payload, response.text[:500])
+                    return response
+            time.sleep(self.backoff * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def _json(self, method: str, path: str, body: dict | None = None) -> dict:
+        return self._request(method, path, body).json()
+
+    # --- endpoints ------------------------------------------------------------------------------------
+
+    def health(self) -> dict:
+        return self._json("GET", "/healthz")
+
+    def models(self) -> list[dict]:
+        return self._json("GET", "/v1/models")["data"]
+
+    def dictionaries(self) -> list[dict]:
+        return self._json("GET", "/v1/dictionaries")["data"]
+
+    def dictionary(self, name: str) -> dict:
+        return self._json("GET", f"/v1/dictionaries/{name}")
+
+    def feature(self, name: str, index: int) -> dict:
+        return self._json("GET", f"/v1/dictionaries/{name}/features/{index}")
+
+    def generate(self, prompt: str, *, model: str | None = None, max_new_tokens: int = 32, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: list[str] | None = None,
+                 edits: list[dict] = (), include_baseline: bool = False,
+                 return_features: tuple[str, int] | dict | None = None) -> dict:
+        body = {"prompt": prompt, "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+                "top_k": top_k, "seed": seed, "stop": list(stop or []), "edits": list(edits),
+                "include_baseline": include_baseline}
+        if model:
+            body["model"] = model
+        if return_features is not None:
+            body["return_features"] = (return_features if isinstance(return_features, dict)
+                                       else {"dictionary": return_features[0], "top_k": return_features[1]})
+        return self._json("POST", "/v1/generate", body)
+
+    def complete(self, prompt: str, *, model: str | None = None, max_tokens: int = 16, temperature: float = 1.0,
+                 top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None, edits: list[dict] = (),
+                 stream: bool = False) -> dict | Iterator[dict]:
+        body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
+                "stop": list(stop or []) or None, "edits": list(edits), "stream": stream}
+        if model:
+            body["model"] = model
+        if not stream:
+            return self._json("POST", "/v1/completions", body)
+        return self._events(self._request("POST", "/v1/completions", body, stream=True))
+
+    @staticmethod
+    def _events(response: requests.Response) -> Iterator[dict]:
+        with response:
+            for line in response.iter_lines(decode_unicode=True):
+                if not line or not line.startswith("data: "):
+                    continue
+                data = line[len("data: "):]
+                if data == "[DONE]":
+                    return
+                yield json.loads(data)
+
+    def inspect(self, text: str, dictionary: str, *, top_k: int = 5, model: str | None = None) -> dict:
+        body = {"text": text, "dictionary": dictionary, "top_k": top_k}
+        if model:
+            body["model"] = model
+        return self._json("POST", "/v1/inspect", body)

@@ -1,0 +1,168 @@
+"""``steerserve serve`` and the commands that talk to a server over HTTP.
+
+    steerserve serve [--config deploy/local.yaml] [--port 8000]
+    steerserve generate "PROMPT" --edit DICT:FEATURE:OP[:VALUE] [--baseline] [--server URL]
+    steerserve inspect "TEXT" --dictionary NAME [--server URL]
+    steerserve features NAME I [--server URL]
+
+Only ``serve`` imports torch; the others use the ``requests`` client alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import textwrap
+
+DEFAULT_SERVER = os.environ.get("STEERSERVE_SERVER", "http://127.0.0.1:8000")
+
+
+def _client(args):
+    from clients.client import Client
+
+    return Client(args.server, timeout=args.timeout)
+
+
+def _edit_dict(text: str) -> dict:
+    """``DICT:FEATURE:OP[:VALUE][@POSITIONS]`` without importing the engine (no torch)."""
+    text, _, positions = text.partition("@")
+    parts = text.split(":")
+    if len(parts) not in (3, 4):
+        raise SystemExit(f"error: edit {text!r}: expected DICT:FEATURE:OP[:VALUE][@all|prompt|generated]")
+    try:
+        edit = {"dictionary": parts[0], "feature": int(parts[1]), "op": parts[2], "positions": positions or "all"}
+        if len(parts) == 4:
+            edit["value"] = float(parts[3])
+    except ValueError:
+        raise SystemExit(f"error: edit {text!r}: FEATURE must be an integer and VALUE a number") from None
+    return edit
+
+
+def _generate(args) -> int:
+    out = _client(args).generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                 seed=args.seed, edits=[_edit_dict(e) for e in args.edit or []],
+                                 include_baseline=args.baseline, model=args.model)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    steered = args.prompt + out["text"]
+    if out.get("baseline") is not None:
+        baseline = args.prompt + out["baseline"]["text"]
+        width = 38
+        left, right = textwrap.wrap(baseline, width) or [""], textwrap.wrap(steered, width) or [""]
+        print(f"{'baseline':<{width}} | steered")
+        print(f"{'-' * width}-+-{'-' * width}")
+        for i in range(max(len(left), len(right))):
+            print(f"{left[i] if i < len(left) else '':<{width}} | {right[i] if i < len(right) else ''}")
+    else:
+        print(steered)
+    for report in out["edit_report"]:
+        changed = "changed" if report["changed"] else "CHANGED NOTHING"
+        print(f"\n{report['dictionary']} ({report['hook']}): {report['positions_edited']} positions, "
+              f"mean |Δh| {report['mean_delta_norm']:.3f}, {changed}")
+        for feature in report["features"]:
+            before = "-" if feature["mean_before"] is None else f"{feature['mean_before']:.3f}"
+            after = "-" if feature["mean_after"] is None else f"{feature['mean_after']:.3f}"
+            print(f"  feature {feature['feature']:>6}  {', '.join(feature['ops'])}: mean {before} -> {after}")
+    return 0
+
+
+def _inspect(args) -> int:
+    out = _client(args).inspect(args.text, args.dictionary, top_k=args.top_k, model=args.model)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    for token in out["tokens"]:
+        features = "  ".join(f"{f['feature']}:{f['activation']:.2f}" for f in token["features"])
+        print(f"{token['position']:>4} {token['token']!r:<16} {features}")
+    return 0
+
+
+def _features(args) -> int:
+    out = _client(args).feature(args.name, args.index)
+    if args.json or out.get("top_contexts") is None:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"{args.name} feature {args.index} ({out['hook']}): density {out['density']:.4%}, "
+          f"mean activation {out['mean_activation']:.3f}")
+    print("top contexts:")
+    for context in out["top_contexts"]:
+        marked = "".join(f"[{t['token']}]" if t["activation"] == context["max_activation"] else t["token"]
+                         for t in context["tokens"])
+        print(f"  {context['max_activation']:7.3f}  {marked!r}")
+    lens = out["logit_lens"]
+    print("promotes:  " + "  ".join(repr(t["token"]) for t in lens["promoted"]))
+    print("suppresses: " + "  ".join(repr(t["token"]) for t in lens["suppressed"]))
+    return 0
+
+
+def _serve(args) -> int:
+    import signal
+
+    from service.app import AppArgs, run
+    from service.setup import default_app_args, ensure_defaults
+
+    app_args, host, port = default_app_args(), "127.0.0.1", args.port
+    if args.config:
+        import yaml
+
+        config = yaml.safe_load(open(args.config))
+        http = config.get("http_options") or {}
+        host, port = http.get("host", host), args.port or http.get("port", 8000)
+        app_args = AppArgs.model_validate(config["applications"][0].get("args") or {})
+    port = port or 8000
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"note: binding to {host}; this server has no authentication yet", file=sys.stderr)
+    ensure_defaults(app_args)
+    url = run(app_args, host=host, port=port)
+    dictionary = next((d for m in app_args.models for d in m.dictionaries), None)
+    edit = f', "edits": [{{"dictionary": "{dictionary}", "feature": 7, "op": "scale", "value": 8}}]' if dictionary else ""
+    print(f"\nsteerserve is serving {', '.join(m.name for m in app_args.models)} at {url}\n")
+    print("try:\n  curl -s " + url + "/v1/generate -H 'Content-Type: application/json' \\\n"
+          f"    -d '{{\"prompt\": \"Return the number of\", \"max_new_tokens\": 16, \"include_baseline\": true{edit}}}'\n")
+    print("Ctrl-C stops it.")
+    try:
+        signal.pause()
+    except KeyboardInterrupt:
+        pass
+    from ray import serve
+
+    serve.shutdown()
+    return 0
+
+
+def add_commands(commands) -> None:
+    serve = commands.add_parser("serve", help="serve models over HTTP with Ray Serve (127.0.0.1:8000)")
+    serve.add_argument("--config", help="a Ray Serve config file, e.g. deploy/local.yaml")
+    serve.add_argument("--port", type=int, help="default 8000 (or the config's)")
+    serve.set_defaults(handler=_serve)
+
+    def common(parser):
+        parser.add_argument("--server", default=DEFAULT_SERVER, help=f"default {DEFAULT_SERVER} ($STEERSERVE_SERVER)")
+        parser.add_argument("--model", help="served model (default: the first)")
+        parser.add_argument("--timeout", type=float, default=120.0)
+        parser.add_argument("--json", action="store_true")
+
+    generate = commands.add_parser("generate", help="steered generation through a server")
+    generate.add_argument("prompt")
+    generate.add_argument("--edit", action="append", help="DICT:FEATURE:OP[:VALUE][@positions], repeatable")
+    generate.add_argument("--baseline", action="store_true", help="also generate without edits, side by side")
+    generate.add_argument("--max-new-tokens", type=int, default=32)
+    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--seed", type=int)
+    common(generate)
+    generate.set_defaults(handler=_generate)
+
+    inspect = commands.add_parser("inspect", help="top dictionary features at each token of a text")
+    inspect.add_argument("text")
+    inspect.add_argument("--dictionary", required=True)
+    inspect.add_argument("--top-k", type=int, default=5)
+    common(inspect)
+    inspect.set_defaults(handler=_inspect)
+
+    features = commands.add_parser("features", help="one feature: density, top contexts, logit lens")
+    features.add_argument("name")
+    features.add_argument("index", type=int)
+    common(features)
+    features.set_defaults(handler=_features)

@@ -1,0 +1,93 @@
+"""The application builder, and starting it locally.
+
+    serve run deploy/local.yaml            # Ray Serve reads the same builder from YAML
+    steerserve serve [--config FILE] [--port N]
+
+``build_app(args)`` takes the app's arguments (typed by :class:`AppArgs`): the models to
+serve, each with its dictionaries, device and dtype, and the limits; it returns the bound
+application (the ingress and one model deployment a model).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from service.model_server import Limits, ModelConfig, environment_for_workers
+
+
+class ModelArgs(BaseModel):
+    name: str = "pythia-tiny"
+    dictionaries: list[str] = Field(default_factory=list)
+    device: str = "cpu"
+    dtype: str = "float32"
+    torch_threads: int | None = None
+    replicas: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+class LimitArgs(BaseModel):
+    max_new_tokens: int = 256
+    max_prompt_tokens: int = 1024
+    max_edits: int = 32
+    max_body_bytes: int = 65_536
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.01
+
+
+class AppArgs(BaseModel):
+    models: list[ModelArgs] = Field(default_factory=lambda: [ModelArgs()])
+    limits: LimitArgs = Field(default_factory=LimitArgs)
+
+
+def build_app(args: dict | AppArgs):
+    """The Ray Serve application for ``args``."""
+    from service.deployments import Ingress, ModelDeployment
+
+    args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
+    limits = Limits(**args.limits.model_dump())
+    handles = {}
+    for model in args.models:
+        config = ModelConfig(name=model.name, dictionaries=tuple(model.dictionaries), device=model.device,
+                             dtype=model.dtype, torch_threads=model.torch_threads or max(1, int(model.num_cpus)))
+        deployment = ModelDeployment.options(
+            name=f"model-{_safe(model.name)}", num_replicas=model.replicas,
+            max_ongoing_requests=max(64, 4 * limits.max_batch_size),
+            ray_actor_options={"num_cpus": model.num_cpus, "num_gpus": model.num_gpus,
+                               "runtime_env": {"env_vars": environment_for_workers()}},
+        )
+        handles[model.name] = deployment.bind(config.__dict__, limits.__dict__)
+    ingress = Ingress.options(ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": environment_for_workers()}})
+    return ingress.bind(handles, limits.__dict__)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in name)[-48:]
+
+
+def start_ray(temp_dir: Path | None = None, num_cpus: int | None = None) -> None:
+    """Start (or join) a local Ray, quietly and on loopback."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if ray.is_initialized():
+        return
+    temp_dir = Path(temp_dir or Path(os.environ.get("TMPDIR", "/tmp")) / "steerserve-ray")
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=str(temp_dir),
+             runtime_env={"env_vars": environment_for_workers()}, log_to_driver=False)
+
+
+def run(args: AppArgs, *, host: str = "127.0.0.1", port: int = 8000, name: str = "steerserve",
+        temp_dir: Path | None = None) -> str:
+    """Start Ray and the app on ``host:port``; return the base URL."""
+    from ray import serve
+
+    start_ray(temp_dir)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(args), name=name, route_prefix="/", blocking=False)
+    return f"http://{host}:{port}"

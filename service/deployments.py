@@ -1,0 +1,234 @@
+"""The Ray Serve deployments: a thin FastAPI ingress and one model deployment a model.
+
+    client ─HTTP─► Ingress (FastAPI, validates the wire format, error envelopes)
+                      │ DeploymentHandle
+                      ▼
+                 ModelDeployment (loads the model and dictionaries once; @serve.batch
+                                  gathers concurrent requests, with different edits, into
+                                  one engine batch that runs off the event loop)
+"""
+
+
+import asyncio
+import json
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+
+from service.model_server import Limits, ModelConfig, ModelServer
+from service.protocol import (
+    ApiError,
+    CompletionRequest,
+    GenerateRequest,
+    InspectRequest,
+    error_body,
+    validation_param,
+)
+
+
+@serve.deployment(max_ongoing_requests=64)
+class ModelDeployment:
+    def __init__(self, config: dict, limits: dict):
+        self.server = ModelServer(ModelConfig(**config), Limits(**limits))
+        self._batched.set_max_batch_size(self.server.limits.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(self.server.limits.batch_wait_timeout_s)
+
+    async def _call(self, fn, *args) -> dict:
+        """Run ``fn``; an :class:`ApiError` comes back as data (exceptions do not cross handles well)."""
+        try:
+            return {"ok": await fn(*args)}
+        except ApiError as err:
+            return {"error": err.body(), "status": err.status}
+
+    async def generate(self, request: GenerateRequest) -> dict:
+        async def work():
+            engine_request = self.server.check(request)
+            return self.server.response(await self._batched(engine_request))
+        return await self._call(work)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _batched(self, requests: list) -> list:
+        return await asyncio.to_thread(self.server.generate_batch, requests)
+
+    async def inspect(self, request: InspectRequest) -> dict:
+        return await self._call(lambda: asyncio.to_thread(self.server.inspect, request))
+
+    async def describe(self) -> dict:
+        return {"ok": self.server.model_card()}
+
+    async def dictionaries(self) -> dict:
+        return {"ok": [self.server.dictionary_summary(n) for n in sorted(self.server.engine.dictionaries)]}
+
+    async def dictionary(self, name: str) -> dict:
+        return await self._call(lambda: asyncio.to_thread(self.server.dictionary_detail, name))
+
+    async def feature(self, name: str, index: int) -> dict:
+        return await self._call(lambda: asyncio.to_thread(self.server.feature, name, index))
+
+    def check_health(self) -> None:
+        if not self.server.lock.acquire(timeout=300):  # a wedged forward makes the replica unhealthy
+            raise RuntimeError("the model has been busy for 5 minutes")
+        self.server.lock.release()
+
+
+app = FastAPI(title="steerserve", version="0.1.0",
+              description="Steered generation through sparse-autoencoder dictionary features, per request.")
+
+
+@app.exception_handler(ApiError)
+async def _api_error(request: Request, err: ApiError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def _path_error(request: Request, err: RequestValidationError) -> JSONResponse:
+    first = err.errors()[0] if err.errors() else {}
+    return JSONResponse(error_body("invalid_request_error", first.get("msg", "invalid request"),
+                                   validation_param(tuple(first.get("loc", ())))), status_code=400)
+
+
+@app.exception_handler(Exception)
+async def _server_error(request: Request, err: Exception) -> JSONResponse:
+    return JSONResponse(error_body("server_error", f"internal error ({type(err).__name__}); the request was not completed"),
+                        status_code=500)
+
+
+def _unwrap(result: dict):
+    if "error" in result:
+        raise ApiError(result["status"], result["error"]["error"]["message"], type=result["error"]["error"]["type"],
+                       param=result["error"]["error"]["param"])
+    return result["ok"]
+
+
+@serve.deployment(max_ongoing_requests=256)
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, models: dict, limits: dict):
+        self.models = models  # name -> DeploymentHandle
+        self.default_model = next(iter(models))
+        self.limits = Limits(**limits)
+
+    # --- helpers ------------------------------------------------------------------------------------
+
+    async def _body(self, request: Request, model_type):
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.limits.max_body_bytes:
+            raise ApiError(413, f"request body is {length} bytes; the limit is {self.limits.max_body_bytes}",
+                           type="request_too_large")
+        raw = await request.body()
+        if len(raw) > self.limits.max_body_bytes:
+            raise ApiError(413, f"request body is over {self.limits.max_body_bytes} bytes", type="request_too_large")
+        try:
+            data = json.loads(raw)  # NaN and Infinity parse here and are refused, by field, below
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ApiError(400, f"the body is not valid JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        try:
+            return model_type.model_validate(data)
+        except ValidationError as err:
+            first = err.errors()[0]
+            param = validation_param(tuple(first["loc"]))
+            raise ApiError(400, f"{param or 'body'}: {first['msg']}", param=param) from None
+
+    def _handle(self, model: str | None):
+        name = model or self.default_model
+        if name not in self.models:
+            raise ApiError(404, f"model {name!r} is not served (served: {', '.join(self.models)})",
+                           type="not_found_error", param="model")
+        return name, self.models[name]
+
+    # --- endpoints ------------------------------------------------------------------------------------
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict:
+        for name, handle in self.models.items():
+            _unwrap(await handle.describe.remote())
+        return {"status": "ok", "models": list(self.models)}
+
+    @app.get("/v1/models")
+    async def list_models(self) -> dict:
+        cards = [_unwrap(await handle.describe.remote()) for handle in self.models.values()]
+        return {"object": "list", "data": cards}
+
+    @app.post("/v1/generate")
+    async def generate(self, request: Request):
+        body = await self._body(request, GenerateRequest)
+        name, handle = self._handle(body.model)
+        result = _unwrap(await handle.generate.remote(body))
+        result.pop("text_pieces", None)
+        return result
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        body = await self._body(request, CompletionRequest)
+        name, handle = self._handle(body.model)
+        try:
+            native = body.to_generate()
+        except ValidationError as err:
+            first = err.errors()[0]
+            raise ApiError(400, first["msg"], param=validation_param(tuple(first["loc"]))) from None
+        result = _unwrap(await handle.generate.remote(native))
+        completion_id, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        logprobs = None
+        if body.logprobs is not None:
+            logprobs = {"tokens": result["text_pieces"], "token_logprobs": result["logprobs"]}
+        usage = {"prompt_tokens": result["prompt_tokens"], "completion_tokens": len(result["tokens"]),
+                 "total_tokens": result["prompt_tokens"] + len(result["tokens"])}
+        if not body.stream:
+            return {"id": completion_id, "object": "text_completion", "created": created, "model": name,
+                    "choices": [{"text": result["text"], "index": 0, "logprobs": logprobs,
+                                 "finish_reason": result["finish_reason"]}],
+                    "usage": usage, "edit_report": result["edit_report"]}
+
+        def events():
+            pieces = result["text_pieces"] or [""]
+            for i, piece in enumerate(pieces):
+                last = i == len(pieces) - 1
+                chunk = {"id": completion_id, "object": "text_completion", "created": created, "model": name,
+                         "choices": [{"text": piece, "index": 0, "logprobs": None,
+                                      "finish_reason": result["finish_reason"] if last else None}]}
+                if last:
+                    chunk["usage"] = usage
+                    chunk["edit_report"] = result["edit_report"]
+                yield f"data: {json.dumps(chunk)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/inspect")
+    async def inspect(self, request: Request):
+        body = await self._body(request, InspectRequest)
+        _, handle = self._handle(body.model)
+        return _unwrap(await handle.inspect.remote(body))
+
+    @app.get("/v1/dictionaries")
+    async def list_dictionaries(self) -> dict:
+        entries = []
+        for handle in self.models.values():
+            entries += _unwrap(await handle.dictionaries.remote())
+        return {"object": "list", "data": entries}
+
+    @app.get("/v1/dictionaries/{name}")
+    async def get_dictionary(self, name: str) -> dict:
+        return await self._first_with(name, lambda handle: handle.dictionary.remote(name))
+
+    @app.get("/v1/dictionaries/{name}/features/{index}")
+    async def get_feature(self, name: str, index: int) -> dict:
+        return await self._first_with(name, lambda handle: handle.feature.remote(name, index))
+
+    async def _first_with(self, name: str, call):
+        last = None
+        for handle in self.models.values():
+            result = await call(handle)
+            if "ok" in result:
+                return result["ok"]
+            last = result
+            if result["error"]["error"]["param"] != "name":  # the dictionary is here; the error is about the call
+                break
+        return _unwrap(last)

@@ -1,0 +1,228 @@
+"""One served model and its dictionaries, as plain Python: what the model deployment runs.
+
+Kept free of Ray so the same object serves the Ray deployment, the in-process benchmark and
+the tests. It checks each request against the model and its loaded dictionaries (before
+batching, so one bad request never fails a batch), runs batches through the engine under a
+lock (hooks are per model, so one forward at a time), and builds the wire responses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from editing.edits import EditError
+from service.protocol import ApiError, GenerateRequest, InspectRequest
+
+STOP_FINISH = {"stop": "stop", "length": "length"}
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_new_tokens: int = 256
+    """Cap on max_new_tokens / max_tokens."""
+    max_prompt_tokens: int = 1024
+    max_edits: int = 32
+    max_body_bytes: int = 65_536
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.01
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "pythia-tiny"
+    """``pythia-tiny``, a saved directory, or a Hugging Face id."""
+    dictionaries: tuple[str, ...] = ()
+    """Store names to load at start."""
+    device: str = "cpu"
+    dtype: str = "float32"
+    torch_threads: int | None = None
+    """Threads for torch in the replica (Ray gives a 1-CPU replica one thread otherwise)."""
+    extra: dict = field(default_factory=dict)
+
+
+class ModelServer:
+    def __init__(self, config: ModelConfig, limits: Limits = Limits()):
+        from dictionaries.store import DictionaryStore, check_compatibility
+        from editing.engine import Engine
+        from editing.model import load_model
+
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+        self.config, self.limits = config, limits
+        self.loaded = load_model(config.name, device=config.device, dtype=config.dtype, progress=False)
+        self.store = DictionaryStore()
+        self.engine = Engine(self.loaded.model, self.loaded.tokenizer)
+        self.warnings: dict[str, list[str]] = {}
+        info = self.loaded.info
+        for name in config.dictionaries:
+            dictionary = self.store.load(name, device=config.device)
+            report = check_compatibility(dictionary.config, model_name=info.name, model_sha256=info.sha256,
+                                         n_layers=info.n_layers, d_model=info.d_model)
+            report.raise_for_errors(f"dictionary {name!r}")
+            self.warnings[name] = report.warnings
+            self.engine.add_dictionary(name, dictionary)
+        self.lock = threading.Lock()
+        self._features: dict[str, dict] = {}
+
+    # --- checks --------------------------------------------------------------------------------
+
+    def check(self, request: GenerateRequest):
+        """The engine request for a wire request, or an :class:`ApiError` naming the field."""
+        if request.max_new_tokens > self.limits.max_new_tokens:
+            raise ApiError(400, f"max_new_tokens is {request.max_new_tokens}; this server allows at most "
+                                f"{self.limits.max_new_tokens}", param="max_new_tokens")
+        if len(request.edits) > self.limits.max_edits:
+            raise ApiError(400, f"{len(request.edits)} edits; this server allows at most {self.limits.max_edits}",
+                           param="edits")
+        engine_request = request.to_engine()
+        ids = self.loaded.tokenizer(request.prompt, add_special_tokens=False)["input_ids"]
+        if len(ids) > self.limits.max_prompt_tokens:
+            raise ApiError(400, f"the prompt is {len(ids)} tokens; this server allows at most "
+                                f"{self.limits.max_prompt_tokens}", param="prompt")
+        try:
+            self.engine.validate(engine_request)
+        except EditError as err:
+            raise ApiError(400, str(err).replace("requests[0].", "").replace("requests[0]", "request"),
+                           param=(err.param or "").replace("requests[0].", "") or None) from None
+        return engine_request
+
+    # --- work ------------------------------------------------------------------------------------
+
+    def generate_batch(self, requests: list) -> list:
+        with self.lock, torch.inference_mode():
+            return self.engine.generate(requests)
+
+    def response(self, result) -> dict:
+        body = {
+            "id": f"gen-{uuid.uuid4().hex[:16]}",
+            "model": self.config.name,
+            "text": result.text,
+            "tokens": result.tokens,
+            "logprobs": result.logprobs,
+            "finish_reason": STOP_FINISH[result.finish_reason],
+            "prompt_tokens": len(result.prompt_tokens),
+            "edit_report": result.edit_report,
+            "features": result.features,
+            "baseline": {"text": result.baseline.text, "tokens": result.baseline.tokens} if result.baseline else None,
+            "text_pieces": self.text_pieces(result.tokens, result.text),
+        }
+        return body
+
+    def text_pieces(self, tokens: list[int], text: str) -> list[str]:
+        """One text delta a token whose concatenation is ``text`` (for streaming)."""
+        pieces, emitted = [], ""
+        for i in range(len(tokens)):
+            so_far = self.loaded.tokenizer.decode(tokens[: i + 1])
+            if so_far.endswith("\ufffd") or not text.startswith(so_far[: len(text)]):
+                pieces.append("")  # a character split across tokens: wait for the rest
+                continue
+            so_far = so_far[: len(text)]
+            pieces.append(so_far[len(emitted):])
+            emitted = so_far
+        if pieces:
+            pieces[-1] += text[len(emitted):]
+        return pieces
+
+    def inspect(self, request: InspectRequest) -> dict:
+        try:
+            with self.lock, torch.inference_mode():
+                tokens = self.engine.inspect(request.text, request.dictionary, request.top_k)
+        except EditError as err:
+            raise ApiError(404 if "unknown dictionary" in str(err) else 400, str(err), param=err.param) from None
+        return {"model": self.config.name, "dictionary": request.dictionary, "tokens": tokens}
+
+    # --- descriptions --------------------------------------------------------------------------------
+
+    def model_card(self) -> dict:
+        info = self.loaded.info
+        return {"id": self.config.name, "object": "model", "created": 0, "owned_by": "steerserve",
+                "n_layers": info.n_layers, "d_model": info.d_model, "vocab_size": info.vocab_size,
+                "sha256": info.sha256, "dtype": info.dtype, "device": info.device,
+                "dictionaries": sorted(self.engine.dictionaries), "limits": asdict(self.limits)}
+
+    def dictionary_summary(self, name: str) -> dict:
+        info = self.store.info(name)
+        config = info["config"]
+        return {"name": name, "model": self.config.name, "architecture": config["architecture"], "hook": config["hook"],
+                "d_in": config["d_in"], "d_sae": config["d_sae"], "k": config.get("k"),
+                "metrics": {k: v for k, v in (info["metrics"] or {}).items() if isinstance(v, (int, float))},
+                "warnings": self.warnings.get(name, [])}
+
+    def dictionary_detail(self, name: str) -> dict:
+        self._require(name)
+        info = self.store.info(name)
+        return {"name": name, "model": self.config.name, "config": info["config"], "metrics": info["metrics"],
+                "files": info["files"], "warnings": self.warnings.get(name, [])}
+
+    def _require(self, name: str) -> None:
+        if name not in self.engine.dictionaries:
+            raise ApiError(404, f"dictionary {name!r} is not loaded on model {self.config.name!r} "
+                                f"(loaded: {', '.join(sorted(self.engine.dictionaries)) or 'none'})",
+                           type="not_found_error", param="name")
+
+    def feature(self, name: str, index: int) -> dict:
+        """Density, top-activating contexts as text with per-token activations, logit lens."""
+        self._require(name)
+        d_sae = self.engine.dictionaries[name].config.d_sae
+        if not 0 <= index < d_sae:
+            raise ApiError(404, f"feature {index} is out of range for {name!r} (0..{d_sae - 1})",
+                           type="not_found_error", param="feature")
+        stats = self._feature_stats(name)
+        decode = lambda ids: self.loaded.tokenizer.decode([int(t) for t in ids])  # noqa: E731
+        body = {"dictionary": name, "feature": index, "hook": self.engine.dictionaries[name].config.hook}
+        if stats is None:
+            return body | {"statistics": None, "note": "this dictionary has no feature statistics (features.safetensors)"}
+        tensors, meta = stats
+        contexts = []
+        for c in range(tensors["context_tokens"].shape[1]):
+            ids = tensors["context_tokens"][index, c]
+            if float(tensors["context_max"][index, c]) <= 0:
+                continue
+            keep = ids >= 0
+            contexts.append({"max_activation": float(tensors["context_max"][index, c]),
+                             "text": decode(ids[keep]),
+                             "tokens": [{"token": decode([t]), "token_id": int(t), "activation": float(a)}
+                                        for t, a in zip(ids[keep], tensors["context_acts"][index, c][keep])]})
+        lens = lambda key: [{"token": decode([t]), "token_id": int(t), "value": float(v)}  # noqa: E731
+                            for t, v in zip(tensors[key][index], tensors[key + "_values"][index])]
+        return body | {"density": float(tensors["density"][index]),
+                       "mean_activation": float(tensors["mean_activation"][index]),
+                       "measured_on": meta, "top_contexts": contexts,
+                       "logit_lens": {"promoted": lens("lens_promoted"), "suppressed": lens("lens_suppressed")}}
+
+    def _feature_stats(self, name: str):
+        if name not in self._features:
+            from safetensors.torch import load_file
+
+            path = self.store.path(name)
+            if not (path / "features.safetensors").is_file():
+                self._features[name] = None
+            else:
+                meta_path = path / "features.json"
+                meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+                self._features[name] = (load_file(str(path / "features.safetensors")), meta)
+        return self._features[name]
+
+
+def wait_for(predicate, timeout: float = 60.0, interval: float = 0.2) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` passes (used by start-up code)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def environment_for_workers() -> dict:
+    """Variables a Ray worker must share with the process that started the app."""
+    keys = ("STEERSERVE_HOME", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY",
+            "TOKENIZERS_PARALLELISM", "HF_HOME")
+    return {key: os.environ[key] for key in keys if key in os.environ}

@@ -1,0 +1,158 @@
+"""The HTTP wire format: request and response models, and the one error envelope.
+
+Every request model validates its own fields (constrained ``Field``s, no NaN or infinity
+anywhere) and converts itself into the engine's plain parameters with ``to_engine`` — the
+engine never sees pydantic. Errors the caller made are 4xx with
+
+    {"error": {"type": "invalid_request_error", "message": "...", "param": "edits[0].feature", "code": null}}
+
+built by :func:`error_body` alone.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from editing.edits import EditSpec
+
+MAX_PROMPT_CHARS = 20_000
+
+
+class ApiError(Exception):
+    """An error with its HTTP status and envelope fields."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.headers = status, message, type, param, headers or {}
+
+    def body(self) -> dict:
+        return error_body(self.type, self.message, self.param)
+
+
+def error_body(type: str, message: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"type": type, "message": message, "param": param, "code": code}}
+
+
+def validation_param(location: tuple) -> str | None:
+    """pydantic's error location → ``edits[0].feature``."""
+    parts = []
+    for item in location:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif item not in ("body",) and not str(item).startswith(("function-", "constrained-", "literal[")):
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts) or None
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class ReturnFeatures(_Model):
+    dictionary: str = Field(min_length=1, max_length=64)
+    top_k: int = Field(default=5, ge=1, le=64)
+
+
+class GenerateRequest(_Model):
+    """``POST /v1/generate``: steered generation, the native way."""
+
+    model: str | None = Field(default=None, description="Served model; default: the first one.")
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    max_new_tokens: int = Field(default=32, ge=1, description="At most the server's cap.")
+    temperature: float = Field(default=0.0, ge=0.0, le=10.0, description="0 = greedy.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0, le=100_000, description="0 = off.")
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    stop: list[str] = Field(default_factory=list, max_length=8)
+    edits: list[EditSpec] = Field(default_factory=list)
+    include_baseline: bool = False
+    return_features: ReturnFeatures | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops_not_empty(cls, value: list[str]) -> list[str]:
+        if any(not s or len(s) > 64 for s in value):
+            raise ValueError("stop strings must be 1 to 64 characters")
+        return value
+
+    def to_engine(self):
+        from editing.engine import GenerationRequest
+
+        return GenerationRequest(
+            prompt=self.prompt, max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+            top_k=self.top_k, seed=self.seed, stop=tuple(self.stop), edits=tuple(self.edits),
+            include_baseline=self.include_baseline,
+            return_features=(self.return_features.dictionary, self.return_features.top_k) if self.return_features else None,
+        )
+
+
+class Baseline(BaseModel):
+    text: str
+    tokens: list[int]
+
+
+class GenerateResponse(BaseModel):
+    id: str
+    model: str
+    text: str = Field(description="The generated continuation only.")
+    tokens: list[int]
+    logprobs: list[float]
+    finish_reason: Literal["stop", "length"]
+    prompt_tokens: int
+    edit_report: list[dict]
+    features: list[dict] | None = None
+    baseline: Baseline | None = None
+
+
+class CompletionRequest(_Model):
+    """``POST /v1/completions``: OpenAI-compatible, with ``edits`` as an extension."""
+
+    model: str | None = None
+    prompt: str | list[str] = Field(description="A string, or a list holding exactly one string.")
+    max_tokens: int = Field(default=16, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=1, description="Only 1 is supported.")
+    stream: bool = False
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    logprobs: int | None = Field(default=None, ge=0, le=0, description="0: log-probability of each chosen token.")
+    echo: Literal[False] = False
+    user: str | None = None
+    edits: list[EditSpec] = Field(default_factory=list, description="steerserve extension: feature edits.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value):
+        if isinstance(value, list):
+            if len(value) != 1:
+                raise ValueError("a list prompt must hold exactly one string")
+            value = value[0]
+        if not value or len(value) > MAX_PROMPT_CHARS:
+            raise ValueError(f"the prompt must be 1 to {MAX_PROMPT_CHARS} characters")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value):
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > 8 or any(not s or len(s) > 64 for s in stops):
+            raise ValueError("at most 8 stop strings of 1 to 64 characters")
+        return stops
+
+    def to_generate(self) -> GenerateRequest:
+        return GenerateRequest(model=self.model, prompt=self.prompt, max_new_tokens=self.max_tokens,
+                               temperature=self.temperature, top_p=self.top_p, seed=self.seed, stop=self.stop or [],
+                               edits=self.edits)
+
+
+class InspectRequest(_Model):
+    """``POST /v1/inspect``: the top features at each token of a text."""
+
+    model: str | None = None
+    text: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    dictionary: str = Field(min_length=1, max_length=64)
+    top_k: int = Field(default=5, ge=1, le=64)

@@ -1,0 +1,55 @@
+"""One real Ray Serve app on loopback for the whole test session."""
+
+import os
+import socket
+
+import pytest
+
+from tests.conftest import TEST_HOME
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def served_dictionaries(pythia_tiny, default_dictionary):
+    """The default dictionary and a random one on another layer, both in the test store."""
+    from dictionaries.config import DictionaryConfig
+    from dictionaries.sae import Dictionary
+    from dictionaries.store import DictionaryStore
+
+    store = DictionaryStore()
+    if "random-l1" not in store:
+        config = DictionaryConfig(architecture="jumprelu", d_in=128, d_sae=256, hook="blocks.1.hook_resid_pre",
+                                  model_name="pythia-tiny", model_sha256=pythia_tiny.info.sha256)
+        store.put("random-l1", Dictionary.random(config, seed=3))
+    return {default_dictionary[0]: default_dictionary[1], "random-l1": store.load("random-l1")}
+
+
+@pytest.fixture(scope="session")
+def server(served_dictionaries):
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    from ray import serve
+
+    from service.app import AppArgs, LimitArgs, ModelArgs, run
+
+    args = AppArgs(models=[ModelArgs(name="pythia-tiny", dictionaries=sorted(served_dictionaries), torch_threads=2)],
+                   limits=LimitArgs(max_new_tokens=64, max_prompt_tokens=256, max_edits=8, max_body_bytes=16384))
+    url = run(args, port=_free_port(), temp_dir=TEST_HOME / "ray", name="steerserve-test")
+    yield url
+    serve.shutdown()
+    import ray
+
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def engine(pythia_tiny, served_dictionaries):
+    """The in-process engine the served results are compared with."""
+    from editing.engine import Engine
+
+    return Engine(pythia_tiny.model, pythia_tiny.tokenizer, dict(served_dictionaries))
