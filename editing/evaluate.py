@@ -37,16 +37,19 @@ from editing.nethook import Trace
 Progress = Callable[[float, str], None]
 
 
-def _token_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def _log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities at every predicting position: ``(B, T-1, V)``."""
+    return logits[:, :-1].float().log_softmax(-1)
+
+
+def _token_ce(log_probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy a position: ``(B, T-1)``."""
-    return torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
+    return -log_probs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
 
 
 def _token_kl(clean: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """KL(clean ‖ other) a position, over next-token distributions: ``(B, T-1)``."""
-    p = clean[:, :-1].float().log_softmax(-1)
-    q = other[:, :-1].float().log_softmax(-1)
-    return (p.exp() * (p - q)).sum(-1)
+    """KL(clean ‖ other) a position, from log-probabilities: ``(B, T-1)``."""
+    return (clean.exp() * (clean - other)).sum(-1)
 
 
 def _mean_se(values: list[float]) -> tuple[float, float]:
@@ -101,15 +104,15 @@ def evaluate(loaded, dictionaries: dict, dictionary: str, *, edits: list[EditSpe
         x_normed, state = sae.normalize(x)
         f = sae.activation(sae.pre_activations(x_normed))  # (b, T, F)
         reconstruction = sae.decode(f, state).to(x.dtype)
-        clean = logits_from_hook(model, hook, x)
-        spliced = logits_from_hook(model, hook, reconstruction)
-        zero = logits_from_hook(model, hook, torch.zeros_like(x))
-        edited = _edited_logits(model, dictionaries, edits, ids) if edits else clean
+        clean = _log_probs(logits_from_hook(model, hook, x))  # (b, T-1, V), each once
+        spliced = _log_probs(logits_from_hook(model, hook, reconstruction))
+        zero = _log_probs(logits_from_hook(model, hook, torch.zeros_like(x)))
+        edited = _log_probs(_edited_logits(model, dictionaries, edits, ids)) if edits else clean
 
-        for name, logits in (("clean", clean), ("spliced", spliced), ("zero", zero), ("edited", edited)):
-            per_window[name] += _token_ce(logits, ids).mean(-1).tolist()
+        for name, log_probs in (("clean", clean), ("spliced", spliced), ("zero", zero), ("edited", edited)):
+            per_window[name] += _token_ce(log_probs, ids).mean(-1).tolist()
         per_window["kl_spliced"] += _token_kl(clean, spliced).mean(-1).tolist()
-        per_window["kl_edited"] += _token_kl(clean, edited).mean(-1).tolist()
+        per_window["kl_edited"] += _token_kl(clean, edited).mean(-1).tolist() if edits else [0.0] * len(ids)
         xf, errors = x.float(), (reconstruction.float() - x.float())
         window_var = (xf - xf.mean(1, keepdim=True)).pow(2).sum((1, 2))
         per_window["fvu"] += (errors.pow(2).sum((1, 2)) / window_var).tolist()
@@ -194,7 +197,7 @@ def feature_effect(loaded, dictionaries: dict, dictionary: str, feature: int, *,
             clean = model(input_ids=ids).logits
         acts = sae.encode_subset(trace.output, torch.tensor([feature], device=device))[..., 0]  # (b, T)
         ablated = _edited_logits(model, dictionaries, [edit], ids)
-        delta = _token_ce(ablated, ids) - _token_ce(clean, ids)  # (b, T-1)
+        delta = _token_ce(_log_probs(ablated), ids) - _token_ce(_log_probs(clean), ids)  # (b, T-1)
         fires = acts[:, :-1] > 0
         deltas_firing += delta[fires].tolist()
         deltas_all += delta.mean(-1).tolist()
