@@ -35,7 +35,7 @@ class LimitArgs(BaseModel):
     max_edits: int = 32
     max_body_bytes: int = 65_536
     max_batch_size: int = 16
-    batch_wait_timeout_s: float = 0.01
+    batch_wait_timeout_s: float = 0.005
 
 
 class AppArgs(BaseModel):

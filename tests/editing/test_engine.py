@@ -90,7 +90,8 @@ def test_no_edits_is_the_plain_model(setup):
         full = torch.tensor([ids + result.tokens])
         plain = model(full).logits[0].float().log_softmax(-1)  # (T, V)
         expected_logprobs = plain[len(ids) - 1 : -1].gather(-1, torch.tensor(result.tokens)[:, None]).squeeze(-1)
-        torch.testing.assert_close(torch.tensor(result.logprobs), expected_logprobs, atol=1e-5, rtol=0)
+        # cached incremental decoding vs one full forward: equal to float32 rounding (2e-6 relative)
+        torch.testing.assert_close(torch.tensor(result.logprobs), expected_logprobs, atol=1e-6, rtol=2e-6)
     # Edits in other rows never reach a row without edits: in the same batch shape, that row
     # is bit-identical to a run with no dictionaries at all.
     bare = Engine(model, tokenizer)
