@@ -146,7 +146,10 @@ class Engine:
     # --- generation -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, requests: list[GenerationRequest], *, use_cache: bool = True) -> list[GenerationResult]:
+    def generate(self, requests: list[GenerationRequest], *, use_cache: bool = True,
+                 on_step=None) -> list[GenerationResult]:
+        """Generate all ``requests`` together. ``on_step(progress)``, if given, is called after
+        every step with one ``(tokens, finish_reason, text_if_stopped)`` a request (streaming)."""
         rows: list[_Row] = []
         baseline_of: dict[int, int] = {}
         seeds = []
@@ -184,6 +187,8 @@ class Engine:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (R, P + N)
 
         hooks = self._build_hooks(rows)
+        baselines = set(baseline_of.values())
+        main_rows = [i for i in range(n_rows) if i not in baselines]  # one a request, in request order
         eos = self.tokenizer.eos_token_id
         past = None
         with contextlib.ExitStack() as stack:
@@ -203,7 +208,10 @@ class Engine:
                 next_tokens = sample(logits, settings, step)  # (R,)
                 logprobs = logits.log_softmax(-1).gather(-1, next_tokens.unsqueeze(-1)).squeeze(-1)
                 input_ids[:, end] = next_tokens
-                if self._record(rows, step, next_tokens.tolist(), logprobs.tolist(), eos):
+                done = self._record(rows, step, next_tokens.tolist(), logprobs.tolist(), eos)
+                if on_step is not None:
+                    on_step([(rows[i].tokens, rows[i].finish_reason, rows[i].text) for i in main_rows])
+                if done:
                     break
                 for i, row in enumerate(rows):
                     if row.finish_reason is not None and step + 1 < max_new:

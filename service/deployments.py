@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 
-from service.model_server import Limits, ModelConfig, ModelServer
+from service.model_server import DeltaStreamer, Limits, ModelConfig, ModelServer
 from service.protocol import (
     ApiError,
     CompletionRequest,
@@ -51,9 +51,50 @@ class ModelDeployment:
             return self.server.response(await self._batched(engine_request))
         return await self._call(work)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _batched(self, requests: list) -> list:
-        return await asyncio.to_thread(self.server.generate_batch, requests)
+    async def generate_stream(self, request: GenerateRequest):
+        """Yield ``{"delta": text}`` while the request's batch runs, then ``{"final": response, "delta": rest}``;
+        or one ``{"error": ...}``. The deltas concatenate to the final text."""
+        try:
+            engine_request = self.server.check(request)
+        except ApiError as err:
+            yield {"error": err.body(), "status": err.status}
+            return
+        item = _Streamed(engine_request, list(request.stop))
+        task = asyncio.ensure_future(self._batched(item))
+        sent = ""
+        while not task.done() or not item.queue.empty():
+            getter = asyncio.ensure_future(item.queue.get())
+            done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            if getter in done:
+                sent += getter.result()
+                yield {"delta": getter.result()}
+            else:
+                getter.cancel()
+        response = self.server.response(task.result())
+        response.pop("text_pieces", None)
+        yield {"final": response, "delta": response["text"][len(sent):]}
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _batched(self, items: list) -> list:
+        requests = [item.request if isinstance(item, _Streamed) else item for item in items]
+        streamed = {i: item for i, item in enumerate(items) if isinstance(item, _Streamed)}
+        if not streamed:
+            return await asyncio.to_thread(self.server.generate_batch, requests)
+        loop = asyncio.get_running_loop()
+        for item in streamed.values():
+            item.streamer = DeltaStreamer(self.server.loaded.tokenizer, item.stops)
+
+        def on_step(progress: list) -> None:  # in the engine's thread, after every step
+            for i, item in streamed.items():
+                tokens, finish_reason, stopped_text = progress[i]
+                if item.finished:
+                    continue
+                delta = item.streamer.update(tokens, finish_reason, stopped_text)
+                if delta:
+                    loop.call_soon_threadsafe(item.queue.put_nowait, delta)
+                item.finished = finish_reason is not None
+
+        return await asyncio.to_thread(self.server.generate_batch_streaming, requests, on_step)
 
     async def inspect(self, request: InspectRequest) -> dict:
         return await self._call(lambda: asyncio.to_thread(self.server.inspect, request))
@@ -76,8 +117,43 @@ class ModelDeployment:
         self.server.lock.release()
 
 
+class _Streamed:
+    """A request whose text deltas go to ``queue`` while its batch runs."""
+
+    def __init__(self, request, stops: list[str]):
+        self.request, self.stops = request, stops
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.streamer: DeltaStreamer | None = None
+        self.finished = False
+
+
 app = FastAPI(title="steerserve", version="0.1.0",
               description="Steered generation through sparse-autoencoder dictionary features, per request.")
+
+
+def _request_body(model) -> dict:
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    schema.pop("$defs", None)
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _openapi() -> dict:
+    """FastAPI's schema, plus the request models (the routes read their bodies themselves,
+    to answer every mistake with the error envelope)."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in (GenerateRequest, CompletionRequest, InspectRequest):
+            full = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(full.pop("$defs", {}))
+            components[model.__name__] = full
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+app.openapi = _openapi
 
 
 @app.exception_handler(ApiError)
@@ -156,7 +232,7 @@ class Ingress:
         cards = [_unwrap(await handle.describe.remote()) for handle in self.models.values()]
         return {"object": "list", "data": cards}
 
-    @app.post("/v1/generate")
+    @app.post("/v1/generate", openapi_extra=_request_body(GenerateRequest))
     async def generate(self, request: Request):
         body = await self._body(request, GenerateRequest)
         name, handle = self._handle(body.model)
@@ -164,7 +240,7 @@ class Ingress:
         result.pop("text_pieces", None)
         return result
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=_request_body(CompletionRequest))
     async def completions(self, request: Request):
         body = await self._body(request, CompletionRequest)
         name, handle = self._handle(body.model)
@@ -173,35 +249,49 @@ class Ingress:
         except ValidationError as err:
             first = err.errors()[0]
             raise ApiError(400, first["msg"], param=validation_param(tuple(first["loc"]))) from None
-        result = _unwrap(await handle.generate.remote(native))
         completion_id, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        logprobs = None
-        if body.logprobs is not None:
-            logprobs = {"tokens": result["text_pieces"], "token_logprobs": result["logprobs"]}
-        usage = {"prompt_tokens": result["prompt_tokens"], "completion_tokens": len(result["tokens"]),
-                 "total_tokens": result["prompt_tokens"] + len(result["tokens"])}
+
+        def usage_of(result: dict) -> dict:
+            return {"prompt_tokens": result["prompt_tokens"], "completion_tokens": len(result["tokens"]),
+                    "total_tokens": result["prompt_tokens"] + len(result["tokens"])}
+
         if not body.stream:
+            result = _unwrap(await handle.generate.remote(native))
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs = {"tokens": result["text_pieces"], "token_logprobs": result["logprobs"]}
             return {"id": completion_id, "object": "text_completion", "created": created, "model": name,
                     "choices": [{"text": result["text"], "index": 0, "logprobs": logprobs,
                                  "finish_reason": result["finish_reason"]}],
-                    "usage": usage, "edit_report": result["edit_report"]}
+                    "usage": usage_of(result), "edit_report": result["edit_report"]}
 
-        def events():
-            pieces = result["text_pieces"] or [""]
-            for i, piece in enumerate(pieces):
-                last = i == len(pieces) - 1
-                chunk = {"id": completion_id, "object": "text_completion", "created": created, "model": name,
-                         "choices": [{"text": piece, "index": 0, "logprobs": None,
-                                      "finish_reason": result["finish_reason"] if last else None}]}
-                if last:
-                    chunk["usage"] = usage
-                    chunk["edit_report"] = result["edit_report"]
-                yield f"data: {json.dumps(chunk)}\n\n"
+        stream = handle.options(stream=True).generate_stream.remote(native)
+        first = await stream.__anext__()
+        if "error" in first:  # refused before anything was generated: a plain 4xx
+            _unwrap(first)
+
+        def chunk(text: str, result: dict | None = None) -> str:
+            body = {"id": completion_id, "object": "text_completion", "created": created, "model": name,
+                    "choices": [{"text": text, "index": 0, "logprobs": None,
+                                 "finish_reason": result["finish_reason"] if result else None}]}
+            if result:
+                body["usage"] = usage_of(result)
+                body["edit_report"] = result["edit_report"]
+            return f"data: {json.dumps(body)}\n\n"
+
+        async def events():
+            item = first
+            while True:
+                if "final" in item:
+                    yield chunk(item["delta"], item["final"])
+                    break
+                yield chunk(item["delta"])
+                item = await stream.__anext__()
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    @app.post("/v1/inspect")
+    @app.post("/v1/inspect", openapi_extra=_request_body(InspectRequest))
     async def inspect(self, request: Request):
         body = await self._body(request, InspectRequest)
         _, handle = self._handle(body.model)

@@ -130,6 +130,10 @@ class ModelServer:
             pieces[-1] += text[len(emitted):]
         return pieces
 
+    def generate_batch_streaming(self, requests: list, on_step) -> list:
+        with self.lock, torch.inference_mode():
+            return self.engine.generate(requests, on_step=on_step)
+
     def inspect(self, request: InspectRequest) -> dict:
         try:
             with self.lock, torch.inference_mode():
@@ -209,6 +213,31 @@ class ModelServer:
                 meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
                 self._features[name] = (load_file(str(path / "features.safetensors")), meta)
         return self._features[name]
+
+
+class DeltaStreamer:
+    """Turns a growing token list into text deltas whose concatenation is the final text.
+
+    Text is held back while it ends in an incomplete character (a byte-level token can split
+    one) and, when stop strings are set, by one less than the longest stop string, so that
+    nothing of a stop string is sent before the engine cuts the text there.
+    """
+
+    def __init__(self, tokenizer, stops: list[str]):
+        self.tokenizer = tokenizer
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.emitted = ""
+
+    def update(self, tokens: list[int], finish_reason: str | None, stopped_text: str | None) -> str:
+        text = stopped_text if stopped_text is not None else self.tokenizer.decode(tokens)
+        if finish_reason is None:
+            if text.endswith("\ufffd"):
+                return ""
+            text = text[: len(text) - self.hold] if self.hold else text
+        if not text.startswith(self.emitted) or len(text) <= len(self.emitted):
+            return ""
+        delta, self.emitted = text[len(self.emitted):], text
+        return delta
 
 
 def wait_for(predicate, timeout: float = 60.0, interval: float = 0.2) -> bool:

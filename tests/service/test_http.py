@@ -145,4 +145,5 @@ def test_descriptions(server, pythia_tiny):
     inspect = _post(server, "/v1/inspect", {"text": "Return the number", "dictionary": DEFAULT, "top_k": 3}).json()
     assert [t["token"] for t in inspect["tokens"]] == ["Return", " the", " number"]
     schema = requests.get(server + "/openapi.json", timeout=30).json()
-    assert "/v1/generate" in schema["paths"]
+    body = schema["paths"]["/v1/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert "edits" in body["properties"] and "EditSpec" in schema["components"]["schemas"]
