@@ -33,13 +33,9 @@ def load(name: str, device: str):
     tiny = load_model("pythia-tiny", device=device)
     if name == "pythia-tiny":
         return tiny.model, tiny.tokenizer
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from editing.model import random_gpt_neox
 
-    torch.manual_seed(0)
-    config = GPTNeoXConfig(vocab_size=50304, hidden_size=512, num_hidden_layers=6, num_attention_heads=8,
-                           intermediate_size=2048, rotary_pct=0.25, max_position_embeddings=2048,
-                           use_parallel_residual=True, tie_word_embeddings=False)
-    return GPTNeoXForCausalLM(config).to(device).eval(), tiny.tokenizer
+    return random_gpt_neox(device=device), tiny.tokenizer
 
 
 def workload(batch: int, n_edits: int, d_sae: int, new_tokens: int) -> list[GenerationRequest]:

@@ -29,13 +29,9 @@ def load(name: str, device: str):
     tiny = load_model("pythia-tiny", device=device)
     if name == "pythia-tiny":
         return tiny
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from editing.model import random_gpt_neox
 
-    torch.manual_seed(0)
-    config = GPTNeoXConfig(vocab_size=50304, hidden_size=512, num_hidden_layers=6, num_attention_heads=8,
-                           intermediate_size=2048, rotary_pct=0.25, max_position_embeddings=2048,
-                           use_parallel_residual=True, tie_word_embeddings=False)
-    model = GPTNeoXForCausalLM(config).to(device).eval()
+    model = random_gpt_neox(device=device)
     info = ModelInfo(name="pythia-70m-shape", path="", n_layers=6, d_model=512, vocab_size=50304,
                      sha256="random-init-seed-0", dtype="float32", device=device)
     return LoadedModel(model=model, tokenizer=tiny.tokenizer, info=info)

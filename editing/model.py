@@ -170,3 +170,16 @@ def list_models() -> list[dict]:
         if not any(entry["name"] == name for entry in found):
             found.append({"name": name, "source": "built-in (not built yet)", "path": None})
     return found
+
+
+def random_gpt_neox(*, hidden_size: int = 512, layers: int = 6, heads: int = 8, vocab_size: int = 50304,
+                    seed: int = 0, device: str = "cpu"):
+    """A randomly initialised GPT-NeoX, by default of Pythia-70M's shape (tests and benchmarks)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(seed)
+    config = GPTNeoXConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=layers,
+                           num_attention_heads=heads, intermediate_size=4 * hidden_size, rotary_pct=0.25,
+                           max_position_embeddings=2048, use_parallel_residual=True, tie_word_embeddings=False,
+                           bos_token_id=0, eos_token_id=0)
+    return GPTNeoXForCausalLM(config).to(device).eval()

@@ -29,18 +29,9 @@ class ModelArgs(BaseModel):
     num_gpus: float = 0.0
 
 
-class LimitArgs(BaseModel):
-    max_new_tokens: int = 256
-    max_prompt_tokens: int = 1024
-    max_edits: int = 32
-    max_body_bytes: int = 65_536
-    max_batch_size: int = 16
-    batch_wait_timeout_s: float = 0.005
-
-
 class AppArgs(BaseModel):
     models: list[ModelArgs] = Field(default_factory=lambda: [ModelArgs()])
-    limits: LimitArgs = Field(default_factory=LimitArgs)
+    limits: Limits = Field(default_factory=Limits)  # the dataclass itself: pydantic validates its fields
 
 
 def build_app(args: dict | AppArgs):
@@ -48,7 +39,7 @@ def build_app(args: dict | AppArgs):
     from service.deployments import Ingress, ModelDeployment
 
     args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
-    limits = Limits(**args.limits.model_dump())
+    limits = args.limits
     handles = {}
     for model in args.models:
         config = ModelConfig(name=model.name, dictionaries=tuple(model.dictionaries), device=model.device,

@@ -73,14 +73,9 @@ def pythia_tiny():
 @pytest.fixture(scope="session")
 def pythia_70m_shape(pythia_tiny):
     """A randomly initialised GPT-NeoX of Pythia-70M's shape, with pythia-tiny's tokenizer."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from editing.model import random_gpt_neox
 
-    torch.manual_seed(0)
-    config = GPTNeoXConfig(vocab_size=50304, hidden_size=512, num_hidden_layers=6, num_attention_heads=8,
-                           intermediate_size=2048, rotary_pct=0.25, max_position_embeddings=2048,
-                           use_parallel_residual=True, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
-    model = GPTNeoXForCausalLM(config).eval()
-    return model, pythia_tiny.tokenizer
+    return random_gpt_neox(seed=0), pythia_tiny.tokenizer
 
 
 @pytest.fixture(scope="session")

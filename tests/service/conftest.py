@@ -35,10 +35,11 @@ def server(served_dictionaries):
     os.environ["RAY_AUTH_MODE"] = "disabled"
     from ray import serve
 
-    from service.app import AppArgs, LimitArgs, ModelArgs, run
+    from service.app import AppArgs, ModelArgs, run
+    from service.model_server import Limits
 
     args = AppArgs(models=[ModelArgs(name="pythia-tiny", dictionaries=sorted(served_dictionaries), torch_threads=2)],
-                   limits=LimitArgs(max_new_tokens=64, max_prompt_tokens=256, max_edits=8, max_body_bytes=16384))
+                   limits=Limits(max_new_tokens=64, max_prompt_tokens=256, max_edits=8, max_body_bytes=16384))
     url = run(args, port=_free_port(), temp_dir=TEST_HOME / "ray", name="steerserve-test")
     yield url
     serve.shutdown()
