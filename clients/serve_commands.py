@@ -112,8 +112,14 @@ def _serve(args) -> int:
         host, port = http.get("host", host), args.port or http.get("port", 8000)
         app_args = AppArgs.model_validate(config["applications"][0].get("args") or {})
     port = port or 8000
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"note: binding to {host}; this server has no authentication yet", file=sys.stderr)
+    from service.access import keys_from_environment
+
+    has_keys = bool(app_args.api_keys if app_args.api_keys is not None else keys_from_environment())
+    if not has_keys and host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"error: no API keys are configured, so steerserve binds to loopback only, not {host}; set "
+              "STEERSERVE_API_KEYS (key:role[:rate],...) or STEERSERVE_API_KEYS_FILE, or api_keys in the config",
+              file=sys.stderr)
+        return 2
     ensure_defaults(app_args)
     url = run(app_args, host=host, port=port)
     dictionary = next((d for m in app_args.models for d in m.dictionaries), None)
@@ -121,6 +127,8 @@ def _serve(args) -> int:
     print(f"\nsteerserve is serving {', '.join(m.name for m in app_args.models)} at {url}\n")
     print("try:\n  curl -s " + url + "/v1/generate -H 'Content-Type: application/json' \\\n"
           f"    -d '{{\"prompt\": \"Return the number of\", \"max_new_tokens\": 16, \"include_baseline\": true{edit}}}'\n")
+    if not has_keys:
+        print("no API keys are configured: the service is OPEN to anything on this machine (loopback only).")
     print("Ctrl-C stops it.")
     try:
         signal.pause()

@@ -31,6 +31,8 @@ class ModelArgs(BaseModel):
 
 class AppArgs(BaseModel):
     models: list[ModelArgs] = Field(default_factory=lambda: [ModelArgs()])
+    api_keys: list[dict] | None = Field(default=None, description="[{key, role, name, rate_per_minute}]; "
+                                        "None: from STEERSERVE_API_KEYS(_FILE); none at all: open (loopback only)")
     limits: Limits = Field(default_factory=Limits)  # the dataclass itself: pydantic validates its fields
 
 
@@ -52,7 +54,7 @@ def build_app(args: dict | AppArgs):
         )
         handles[model.name] = deployment.bind(config.__dict__, limits.__dict__)
     ingress = Ingress.options(ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": environment_for_workers()}})
-    return ingress.bind(handles, limits.__dict__)
+    return ingress.bind(handles, limits.__dict__, args.api_keys)
 
 
 def _safe(name: str) -> str:

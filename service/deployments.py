@@ -10,16 +10,19 @@
 
 
 import asyncio
+import functools
 import json
 import time
 import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 
+from service.access import AccessControl, keys_from_environment
+from service.metrics import ingress_registry, model_registry
 from service.model_server import DeltaStreamer, Limits, ModelConfig, ModelServer
 from service.protocol import (
     ApiError,
@@ -35,6 +38,7 @@ from service.protocol import (
 class ModelDeployment:
     def __init__(self, config: dict, limits: dict):
         self.server = ModelServer(ModelConfig(**config), Limits(**limits))
+        self.metrics = model_registry()
         self._batched.set_max_batch_size(self.server.limits.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.server.limits.batch_wait_timeout_s)
 
@@ -74,8 +78,13 @@ class ModelDeployment:
         response.pop("text_pieces", None)
         yield {"final": response, "delta": response["text"][len(sent):]}
 
+    async def metrics_text(self) -> str:
+        return self.metrics.render()
+
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _batched(self, items: list) -> list:
+        self.metrics.observe("steerserve_batch_size", len(items), model=self.server.config.name)
+        self.metrics.inc("steerserve_batches_total", model=self.server.config.name)
         requests = [item.request if isinstance(item, _Streamed) else item for item in items]
         streamed = {i: item for i, item in enumerate(items) if isinstance(item, _Streamed)}
         if not streamed:
@@ -154,6 +163,29 @@ def _openapi() -> dict:
 
 
 app.openapi = _openapi
+METRICS = ingress_registry()  # this process's (the ingress replica's) counters
+
+
+def counted(method: str, endpoint: str):
+    """Count an endpoint's requests by status and time them (routes are counted one by one:
+    app-level middleware does not run under Serve's class-based ingress)."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        async def inner(*args, **kwargs):
+            started, status = time.perf_counter(), 200
+            try:
+                return await fn(*args, **kwargs)
+            except ApiError as err:
+                status = err.status
+                raise
+            except Exception:
+                status = 500
+                raise
+            finally:
+                METRICS.inc("steerserve_requests_total", endpoint=endpoint, method=method, status=status)
+                METRICS.observe("steerserve_request_seconds", time.perf_counter() - started, endpoint=endpoint)
+        return inner
+    return wrap
 
 
 @app.exception_handler(ApiError)
@@ -184,10 +216,20 @@ def _unwrap(result: dict):
 @serve.deployment(max_ongoing_requests=256)
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, models: dict, limits: dict):
+    def __init__(self, models: dict, limits: dict, api_keys: list[dict] | None = None):
         self.models = models  # name -> DeploymentHandle
         self.default_model = next(iter(models))
         self.limits = Limits(**limits)
+        self.access = AccessControl(api_keys if api_keys is not None else keys_from_environment())
+
+    def _allow(self, request: Request, role: str = "user") -> None:
+        self.access.authorize(request.headers.get("authorization"), role)
+
+    @staticmethod
+    def _count_work(model: str, result: dict, edits) -> None:
+        METRICS.inc("steerserve_generated_tokens_total", len(result["tokens"]), model=model)
+        for edit in edits:
+            METRICS.inc("steerserve_edits_applied_total", op=edit.op, model=model)
 
     # --- helpers ------------------------------------------------------------------------------------
 
@@ -222,26 +264,43 @@ class Ingress:
     # --- endpoints ------------------------------------------------------------------------------------
 
     @app.get("/healthz")
+    @counted("GET", "/healthz")
     async def healthz(self) -> dict:
         for name, handle in self.models.items():
             _unwrap(await handle.describe.remote())
         return {"status": "ok", "models": list(self.models)}
 
+    @app.get("/metrics")
+    @counted("GET", "/metrics")
+    async def metrics(self, request: Request):
+        self._allow(request, "admin")
+        text = METRICS.render()
+        for handle in self.models.values():
+            text += await handle.metrics_text.remote()
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
     @app.get("/v1/models")
-    async def list_models(self) -> dict:
+    @counted("GET", "/v1/models")
+    async def list_models(self, request: Request) -> dict:
+        self._allow(request)
         cards = [_unwrap(await handle.describe.remote()) for handle in self.models.values()]
         return {"object": "list", "data": cards}
 
     @app.post("/v1/generate", openapi_extra=_request_body(GenerateRequest))
+    @counted("POST", "/v1/generate")
     async def generate(self, request: Request):
+        self._allow(request)
         body = await self._body(request, GenerateRequest)
         name, handle = self._handle(body.model)
         result = _unwrap(await handle.generate.remote(body))
         result.pop("text_pieces", None)
+        self._count_work(name, result, body.edits)
         return result
 
     @app.post("/v1/completions", openapi_extra=_request_body(CompletionRequest))
+    @counted("POST", "/v1/completions")
     async def completions(self, request: Request):
+        self._allow(request)
         body = await self._body(request, CompletionRequest)
         name, handle = self._handle(body.model)
         try:
@@ -257,6 +316,7 @@ class Ingress:
 
         if not body.stream:
             result = _unwrap(await handle.generate.remote(native))
+            self._count_work(name, result, body.edits)
             logprobs = None
             if body.logprobs is not None:
                 logprobs = {"tokens": result["text_pieces"], "token_logprobs": result["logprobs"]}
@@ -283,6 +343,7 @@ class Ingress:
             item = first
             while True:
                 if "final" in item:
+                    self._count_work(name, item["final"], body.edits)
                     yield chunk(item["delta"], item["final"])
                     break
                 yield chunk(item["delta"])
@@ -292,24 +353,32 @@ class Ingress:
         return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.post("/v1/inspect", openapi_extra=_request_body(InspectRequest))
+    @counted("POST", "/v1/inspect")
     async def inspect(self, request: Request):
+        self._allow(request)
         body = await self._body(request, InspectRequest)
         _, handle = self._handle(body.model)
         return _unwrap(await handle.inspect.remote(body))
 
     @app.get("/v1/dictionaries")
-    async def list_dictionaries(self) -> dict:
+    @counted("GET", "/v1/dictionaries")
+    async def list_dictionaries(self, request: Request) -> dict:
+        self._allow(request)
         entries = []
         for handle in self.models.values():
             entries += _unwrap(await handle.dictionaries.remote())
         return {"object": "list", "data": entries}
 
     @app.get("/v1/dictionaries/{name}")
-    async def get_dictionary(self, name: str) -> dict:
+    @counted("GET", "/v1/dictionaries/{name}")
+    async def get_dictionary(self, name: str, request: Request) -> dict:
+        self._allow(request)
         return await self._first_with(name, lambda handle: handle.dictionary.remote(name))
 
     @app.get("/v1/dictionaries/{name}/features/{index}")
-    async def get_feature(self, name: str, index: int) -> dict:
+    @counted("GET", "/v1/dictionaries/{name}/features/{index}")
+    async def get_feature(self, name: str, index: int, request: Request) -> dict:
+        self._allow(request)
         return await self._first_with(name, lambda handle: handle.feature.remote(name, index))
 
     async def _first_with(self, name: str, call):

@@ -252,6 +252,6 @@ def wait_for(predicate, timeout: float = 60.0, interval: float = 0.2) -> bool:
 
 def environment_for_workers() -> dict:
     """Variables a Ray worker must share with the process that started the app."""
-    keys = ("STEERSERVE_HOME", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY",
+    keys = ("STEERSERVE_HOME", "STEERSERVE_API_KEYS", "STEERSERVE_API_KEYS_FILE", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY",
             "TOKENIZERS_PARALLELISM", "HF_HOME")
     return {key: os.environ[key] for key in keys if key in os.environ}
