@@ -11,6 +11,7 @@ application (the ingress and one model deployment a model).
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 from pydantic import BaseModel, Field
@@ -33,6 +34,8 @@ class AppArgs(BaseModel):
     models: list[ModelArgs] = Field(default_factory=lambda: [ModelArgs()])
     api_keys: list[dict] | None = Field(default=None, description="[{key, role, name, rate_per_minute}]; "
                                         "None: from STEERSERVE_API_KEYS(_FILE); none at all: open (loopback only)")
+    registry: str | None = Field(default=None, description="Name of the hot-deployment registry actor; "
+                                 "default: a new one for this app")
     limits: Limits = Field(default_factory=Limits)  # the dataclass itself: pydantic validates its fields
 
 
@@ -42,6 +45,7 @@ def build_app(args: dict | AppArgs):
 
     args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
     limits = args.limits
+    registry_name = args.registry or f"registry-{uuid.uuid4().hex[:12]}"
     handles = {}
     for model in args.models:
         config = ModelConfig(name=model.name, dictionaries=tuple(model.dictionaries), device=model.device,
@@ -52,9 +56,9 @@ def build_app(args: dict | AppArgs):
             ray_actor_options={"num_cpus": model.num_cpus, "num_gpus": model.num_gpus,
                                "runtime_env": {"env_vars": environment_for_workers()}},
         )
-        handles[model.name] = deployment.bind(config.__dict__, limits.__dict__)
+        handles[model.name] = deployment.bind(config.__dict__, limits.__dict__, registry_name)
     ingress = Ingress.options(ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": environment_for_workers()}})
-    return ingress.bind(handles, limits.__dict__, args.api_keys)
+    return ingress.bind(handles, limits.__dict__, args.api_keys, registry_name)
 
 
 def _safe(name: str) -> str:

@@ -12,6 +12,7 @@
 import asyncio
 import functools
 import json
+import threading
 import time
 import uuid
 
@@ -36,9 +37,41 @@ from service.protocol import (
 
 @serve.deployment(max_ongoing_requests=64)
 class ModelDeployment:
-    def __init__(self, config: dict, limits: dict):
+    def __init__(self, config: dict, limits: dict, registry_name: str | None = None):
         self.server = ModelServer(ModelConfig(**config), Limits(**limits))
         self.metrics = model_registry()
+        self.registry_name = registry_name
+        if registry_name:
+            threading.Thread(target=self._follow_registry, daemon=True, name="steerserve-registry").start()
+
+    def _follow_registry(self) -> None:
+        """Keep this replica's dictionaries equal to the registry's desired set (hot deployment)."""
+        import ray
+
+        from service.registry import HEARTBEAT_S, registry
+
+        replica, model = uuid.uuid4().hex, self.server.config.name
+        actor = registry(self.registry_name)
+        state = ray.get(actor.initialise.remote(model, sorted(self.server.engine.dictionaries)))
+        applied, errors = 0, {}
+        while True:
+            try:
+                if state["version"] != applied:
+                    errors = self.server.sync(state["names"])
+                    applied = state["version"]
+                actor.ack.remote(model, replica, applied, errors)
+                time.sleep(HEARTBEAT_S)
+                state = ray.get(actor.state.remote(model))
+            except Exception:  # the registry restarting must not kill the replica
+                time.sleep(1.0)
+
+    async def check_dictionary(self, name: str) -> dict:
+        """Whether ``name`` (in the store) can be served by this model: errors and warnings."""
+        try:
+            report = await asyncio.to_thread(self.server.compatibility, name)
+        except Exception as err:
+            return {"errors": [str(err)], "warnings": []}
+        return {"errors": report.errors, "warnings": report.warnings}
         self._batched.set_max_batch_size(self.server.limits.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.server.limits.batch_wait_timeout_s)
 
@@ -52,7 +85,10 @@ class ModelDeployment:
     async def generate(self, request: GenerateRequest) -> dict:
         async def work():
             engine_request = self.server.check(request)
-            return self.server.response(await self._batched(engine_request))
+            result = await self._batched(engine_request)
+            if isinstance(result, ApiError):
+                raise result
+            return self.server.response(result)
         return await self._call(work)
 
     async def generate_stream(self, request: GenerateRequest):
@@ -74,6 +110,9 @@ class ModelDeployment:
                 yield {"delta": getter.result()}
             else:
                 getter.cancel()
+        if isinstance(task.result(), ApiError):
+            yield {"error": task.result().body(), "status": task.result().status}
+            return
         response = self.server.response(task.result())
         response.pop("text_pieces", None)
         yield {"final": response, "delta": response["text"][len(sent):]}
@@ -93,8 +132,10 @@ class ModelDeployment:
         for item in streamed.values():
             item.streamer = DeltaStreamer(self.server.loaded.tokenizer, item.stops)
 
-        def on_step(progress: list) -> None:  # in the engine's thread, after every step
+        def on_step(progress: dict) -> None:  # in the engine's thread, after every step; index -> state
             for i, item in streamed.items():
+                if i not in progress:
+                    continue
                 tokens, finish_reason, stopped_text = progress[i]
                 if item.finished:
                     continue
@@ -103,7 +144,7 @@ class ModelDeployment:
                     loop.call_soon_threadsafe(item.queue.put_nowait, delta)
                 item.finished = finish_reason is not None
 
-        return await asyncio.to_thread(self.server.generate_batch_streaming, requests, on_step)
+        return await asyncio.to_thread(self.server.generate_batch, requests, on_step)
 
     async def inspect(self, request: InspectRequest) -> dict:
         return await self._call(lambda: asyncio.to_thread(self.server.inspect, request))
@@ -216,10 +257,12 @@ def _unwrap(result: dict):
 @serve.deployment(max_ongoing_requests=256)
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, models: dict, limits: dict, api_keys: list[dict] | None = None):
+    def __init__(self, models: dict, limits: dict, api_keys: list[dict] | None = None,
+                 registry_name: str | None = None):
         self.models = models  # name -> DeploymentHandle
         self.default_model = next(iter(models))
         self.limits = Limits(**limits)
+        self.registry_name = registry_name
         self.access = AccessControl(api_keys if api_keys is not None else keys_from_environment())
 
     def _allow(self, request: Request, role: str = "user") -> None:
@@ -380,6 +423,100 @@ class Ingress:
     async def get_feature(self, name: str, index: int, request: Request) -> dict:
         self._allow(request)
         return await self._first_with(name, lambda handle: handle.feature.remote(name, index))
+
+    # --- hot deployment (admin) -------------------------------------------------------------------
+
+    @app.put("/v1/dictionaries/{name}")
+    @counted("PUT", "/v1/dictionaries/{name}")
+    async def upload_dictionary(self, name: str, request: Request) -> dict:
+        """Install a native dictionary (multipart parts ``config.json`` and ``sae.safetensors``,
+        optionally ``metrics.json``) into the store, fully validated and atomically. A bad upload
+        changes nothing: the dictionary already under that name keeps serving."""
+        import tempfile
+        from pathlib import Path
+
+        from dictionaries.config import DictionaryError
+        from dictionaries.store import DictionaryStore, validate_name
+
+        self._allow(request, "admin")
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > self.limits.max_upload_bytes:
+            raise ApiError(413, f"upload is {length} bytes; the limit is {self.limits.max_upload_bytes}",
+                           type="request_too_large")
+        try:
+            validate_name(name)
+        except DictionaryError as err:
+            raise ApiError(400, str(err), param="name") from None
+        try:
+            form = await request.form()
+        except Exception as err:
+            raise ApiError(400, f"expected a multipart form with the parts config.json and sae.safetensors ({err})") from None
+        parts = {key: value for key, value in form.multi_items() if hasattr(value, "read")}
+        for required in ("config.json", "sae.safetensors"):
+            if required not in parts:
+                raise ApiError(400, f"the multipart form has no part named {required!r}", param=required)
+        unknown = sorted(set(parts) - {"config.json", "sae.safetensors", "metrics.json"})
+        if unknown:
+            raise ApiError(400, f"unexpected part(s) {', '.join(unknown)}", param=unknown[0])
+        with tempfile.TemporaryDirectory() as staging:
+            for filename, upload in parts.items():
+                Path(staging, filename).write_bytes(await upload.read())
+            try:
+                await asyncio.to_thread(DictionaryStore().put, name, staging)
+            except DictionaryError as err:
+                raise ApiError(400, f"dictionary refused: {err}", param="sae.safetensors" if "safetensors" in str(err)
+                               else "config.json") from None
+        info = DictionaryStore().info(name)
+        return {"name": name, "installed": True, "config": info["config"],
+                "note": "installed in the store; POST /v1/dictionaries/{name}/deploy serves it"}
+
+    @app.post("/v1/dictionaries/{name}/deploy")
+    @counted("POST", "/v1/dictionaries/{name}/deploy")
+    async def deploy_dictionary(self, name: str, request: Request) -> dict:
+        """Load a stored dictionary into every replica of its model, without a restart."""
+        return await self._set_deployed(name, request, True)
+
+    @app.delete("/v1/dictionaries/{name}/deploy")
+    @counted("DELETE", "/v1/dictionaries/{name}/deploy")
+    async def undeploy_dictionary(self, name: str, request: Request) -> dict:
+        """Unload a dictionary from every replica; requests naming it afterwards get a 4xx."""
+        return await self._set_deployed(name, request, False)
+
+    async def _set_deployed(self, name: str, request: Request, deployed: bool) -> dict:
+        from dictionaries.store import DictionaryStore
+
+        self._allow(request, "admin")
+        raw = await request.body()
+        body = json.loads(raw) if raw.strip() else {}
+        model_name, handle = self._handle(body.get("model") if isinstance(body, dict) else None)
+        if not self.registry_name:
+            raise ApiError(503, "this app was built without a registry; hot deployment is off", type="server_error")
+        if deployed:
+            if name not in DictionaryStore():
+                raise ApiError(404, f"no dictionary named {name!r} in the store", type="not_found_error", param="name")
+            check = await handle.check_dictionary.remote(name)
+            if check["errors"]:
+                raise ApiError(400, f"dictionary {name!r} cannot be served by {model_name!r}: "
+                                    + "; ".join(check["errors"]), param="name")
+        from service.registry import registry
+
+        actor = registry(self.registry_name)
+        version = await actor.change.remote(model_name, name, deployed)
+        deadline = time.time() + 120
+        while True:
+            progress = await actor.progress.remote(model_name, version)
+            if progress["replicas"] and progress["acknowledged"] >= progress["replicas"]:
+                break
+            if time.time() > deadline:
+                raise ApiError(503, f"not every replica of {model_name!r} confirmed within 120 s "
+                                    f"({progress['acknowledged']}/{progress['replicas']})", type="server_error")
+            await asyncio.sleep(0.1)
+        failures = {replica: errors[name] for replica, errors in progress["errors"].items() if name in errors}
+        if deployed and failures:
+            await actor.change.remote(model_name, name, False)  # roll back; nothing else changes
+            raise ApiError(400, f"dictionary {name!r} failed to load: {next(iter(failures.values()))}", param="name")
+        return {"dictionary": name, "model": model_name, "deployed": deployed, "replicas": progress["replicas"],
+                "version": version}
 
     async def _first_with(self, name: str, call):
         last = None

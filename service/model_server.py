@@ -30,6 +30,8 @@ class Limits:
     max_prompt_tokens: int = 1024
     max_edits: int = 32
     max_body_bytes: int = 65_536
+    max_upload_bytes: int = 1 << 30
+    """Cap on a dictionary upload (PUT /v1/dictionaries/{name})."""
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.005
 
@@ -60,16 +62,47 @@ class ModelServer:
         self.store = DictionaryStore()
         self.engine = Engine(self.loaded.model, self.loaded.tokenizer)
         self.warnings: dict[str, list[str]] = {}
-        info = self.loaded.info
-        for name in config.dictionaries:
-            dictionary = self.store.load(name, device=config.device)
-            report = check_compatibility(dictionary.config, model_name=info.name, model_sha256=info.sha256,
-                                         n_layers=info.n_layers, d_model=info.d_model)
-            report.raise_for_errors(f"dictionary {name!r}")
-            self.warnings[name] = report.warnings
-            self.engine.add_dictionary(name, dictionary)
         self.lock = threading.Lock()
         self._features: dict[str, dict] = {}
+        for name in config.dictionaries:
+            self.load_dictionary(name)
+
+    # --- dictionaries (hot deployment) -------------------------------------------------------------
+
+    def compatibility(self, name: str):
+        from dictionaries.store import check_compatibility
+
+        info = self.loaded.info
+        return check_compatibility(self.store.config(name), model_name=info.name, model_sha256=info.sha256,
+                                   n_layers=info.n_layers, d_model=info.d_model)
+
+    def load_dictionary(self, name: str) -> None:
+        """Load (or reload) ``name`` from the store; in use from the next batch on."""
+        report = self.compatibility(name)
+        report.raise_for_errors(f"dictionary {name!r}")
+        dictionary = self.store.load(name, device=self.config.device)
+        with self.lock:  # between batches
+            self.engine.add_dictionary(name, dictionary)
+            self.warnings[name] = report.warnings
+            self._features.pop(name, None)
+
+    def drop_dictionary(self, name: str) -> None:
+        with self.lock:
+            self.engine.remove_dictionary(name)
+            self.warnings.pop(name, None)
+            self._features.pop(name, None)
+
+    def sync(self, names: list[str]) -> dict:
+        """Load and drop dictionaries until exactly ``names`` are served; return errors by name."""
+        errors = {}
+        for name in sorted(set(self.engine.dictionaries) - set(names)):
+            self.drop_dictionary(name)
+        for name in sorted(set(names) - set(self.engine.dictionaries)):
+            try:
+                self.load_dictionary(name)
+            except Exception as err:  # reported to the deploying caller, the replica keeps serving
+                errors[name] = str(err)
+        return errors
 
     # --- checks --------------------------------------------------------------------------------
 
@@ -95,9 +128,25 @@ class ModelServer:
 
     # --- work ------------------------------------------------------------------------------------
 
-    def generate_batch(self, requests: list) -> list:
+    def generate_batch(self, requests: list, on_step=None) -> list:
+        """Results a request, in order; a request that no longer fits (its dictionary was undeployed
+        while it waited) gets an :class:`ApiError` in its place and the others still run."""
         with self.lock, torch.inference_mode():
-            return self.engine.generate(requests)
+            runnable, results = [], [None] * len(requests)
+            for index, request in enumerate(requests):
+                try:
+                    self.engine.validate(request)
+                    runnable.append(index)
+                except EditError as err:
+                    results[index] = ApiError(400, str(err).replace("requests[0].", ""),
+                                              param=(err.param or "").replace("requests[0].", "") or None)
+            if runnable:
+                step = None
+                if on_step is not None:
+                    step = lambda progress: on_step(dict(zip(runnable, progress)))  # noqa: E731
+                for index, result in zip(runnable, self.engine.generate([requests[i] for i in runnable], on_step=step)):
+                    results[index] = result
+            return results
 
     def response(self, result) -> dict:
         body = {
@@ -129,10 +178,6 @@ class ModelServer:
         if pieces:
             pieces[-1] += text[len(emitted):]
         return pieces
-
-    def generate_batch_streaming(self, requests: list, on_step) -> list:
-        with self.lock, torch.inference_mode():
-            return self.engine.generate(requests, on_step=on_step)
 
     def inspect(self, request: InspectRequest) -> dict:
         try:
