@@ -135,6 +135,39 @@ class Client:
                     return
                 yield json.loads(data)
 
+    def push(self, directory: str, name: str) -> dict:
+        """Upload a native dictionary directory (admin); the store validates it fully."""
+        from pathlib import Path
+
+        directory = Path(directory)
+        files = {part: (part, (directory / part).read_bytes())
+                 for part in ("config.json", "sae.safetensors", "metrics.json") if (directory / part).is_file()}
+        for attempt in range(self.retries + 1):
+            try:
+                response = self.session.put(f"{self.base_url}/v1/dictionaries/{name}", files=files, timeout=self.timeout)
+            except requests.ConnectionError:
+                if attempt == self.retries:
+                    raise
+                time.sleep(self.backoff * 2**attempt)
+                continue
+            if response.status_code >= 400:
+                try:
+                    payload = response.json()
+                except ValueError:
+                    payload = None
+                raise SteerserveError(response.status_code, payload, response.text[:500])
+            return response.json()
+        raise AssertionError("unreachable")
+
+    def deploy(self, name: str, model: str | None = None) -> dict:
+        return self._json("POST", f"/v1/dictionaries/{name}/deploy", {"model": model} if model else None)
+
+    def undeploy(self, name: str, model: str | None = None) -> dict:
+        return self._json("DELETE", f"/v1/dictionaries/{name}/deploy", {"model": model} if model else None)
+
+    def metrics(self) -> str:
+        return self._request("GET", "/metrics").text
+
     def inspect(self, text: str, dictionary: str, *, top_k: int = 5, model: str | None = None) -> dict:
         body = {"text": text, "dictionary": dictionary, "top_k": top_k}
         if model:

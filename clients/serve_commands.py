@@ -4,6 +4,7 @@
     steerserve generate "PROMPT" --edit DICT:FEATURE:OP[:VALUE] [--baseline] [--server URL]
     steerserve inspect "TEXT" --dictionary NAME [--server URL]
     steerserve features NAME I [--server URL]
+    steerserve push DIR --name NAME | deploy NAME | undeploy NAME [--server URL] [--api-key KEY]
 
 Only ``serve`` imports torch; the others use the ``requests`` client alone.
 """
@@ -21,7 +22,7 @@ DEFAULT_SERVER = os.environ.get("STEERSERVE_SERVER", "http://127.0.0.1:8000")
 def _client(args):
     from clients.client import Client
 
-    return Client(args.server, timeout=args.timeout)
+    return Client(args.server, timeout=args.timeout, api_key=args.api_key)
 
 
 def _edit_dict(text: str) -> dict:
@@ -97,6 +98,21 @@ def _features(args) -> int:
     return 0
 
 
+def _push(args) -> int:
+    out = _client(args).push(args.directory, args.name)
+    print(f"installed {args.name!r} in the server's store ({out['config']['architecture']}, "
+          f"{out['config']['d_sae']} features on {out['config']['hook']}); deploy it with: steerserve deploy {args.name}")
+    return 0
+
+
+def _deploy(args) -> int:
+    client = _client(args)
+    out = client.deploy(args.name, args.model) if args.command == "deploy" else client.undeploy(args.name, args.model)
+    state = "serving" if out["deployed"] else "no longer serving"
+    print(f"{out['model']} is {state} {args.name!r} on {out['replicas']} replica(s)")
+    return 0
+
+
 def _serve(args) -> int:
     import signal
 
@@ -150,6 +166,7 @@ def add_commands(commands) -> None:
         parser.add_argument("--server", default=DEFAULT_SERVER, help=f"default {DEFAULT_SERVER} ($STEERSERVE_SERVER)")
         parser.add_argument("--model", help="served model (default: the first)")
         parser.add_argument("--timeout", type=float, default=120.0)
+        parser.add_argument("--api-key", default=os.environ.get("STEERSERVE_API_KEY"), help="default $STEERSERVE_API_KEY")
         parser.add_argument("--json", action="store_true")
 
     generate = commands.add_parser("generate", help="steered generation through a server")
@@ -168,6 +185,18 @@ def add_commands(commands) -> None:
     inspect.add_argument("--top-k", type=int, default=5)
     common(inspect)
     inspect.set_defaults(handler=_inspect)
+
+    push = commands.add_parser("push", help="upload a native dictionary directory to a server's store (admin)")
+    push.add_argument("directory")
+    push.add_argument("--name", required=True)
+    common(push)
+    push.set_defaults(handler=_push)
+    for verb, text in (("deploy", "load a stored dictionary into every replica, no restart (admin)"),
+                       ("undeploy", "unload a dictionary from every replica (admin)")):
+        parser = commands.add_parser(verb, help=text)
+        parser.add_argument("name")
+        common(parser)
+        parser.set_defaults(handler=_deploy)
 
     features = commands.add_parser("features", help="one feature: density, top contexts, logit lens")
     features.add_argument("name")

@@ -115,3 +115,29 @@ def test_a_stream_in_flight_survives_a_deploy(server, clean_store, tmp_path):
     plain = requests.post(server + "/v1/completions", json={"prompt": "The default value is", "max_tokens": 48,
                                                             "temperature": 0}, timeout=120).json()
     assert text == plain["choices"][0]["text"]
+
+
+def test_client_and_cli_push_deploy_undeploy(server, clean_store, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from clients.client import Client
+    from tests.conftest import REPO
+
+    save_dictionary(_random(16), tmp_path / "cli")
+    client = Client(server)
+    assert client.push(str(tmp_path / "cli"), "hot-l3")["installed"]
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "clients.cli", *args, "--server", server], cwd=REPO,
+                              capture_output=True, text=True, timeout=180, env={**os.environ})
+
+    deployed = cli("deploy", "hot-l3")
+    assert deployed.returncode == 0 and "is serving 'hot-l3'" in deployed.stdout, deployed.stderr
+    assert _generate(server, "hot-l3").status_code == 200
+    undeployed = cli("undeploy", "hot-l3")
+    assert undeployed.returncode == 0 and "no longer serving" in undeployed.stdout
+    pushed = cli("push", str(tmp_path / "cli"), "--name", "hot-other")
+    assert pushed.returncode == 0 and "deploy it with" in pushed.stdout
+    assert "steerserve_requests_total" in client.metrics()
