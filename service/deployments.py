@@ -25,9 +25,12 @@ from ray import serve
 from service.access import AccessControl, keys_from_environment
 from service.metrics import ingress_registry, model_registry
 from service.model_server import DeltaStreamer, Limits, ModelConfig, ModelServer
+from service.jobs import FINISHED, JobStore, run_evaluation, run_training
 from service.protocol import (
     ApiError,
     CompletionRequest,
+    EvaluationJobRequest,
+    TrainingJobRequest,
     GenerateRequest,
     InspectRequest,
     error_body,
@@ -264,6 +267,9 @@ class Ingress:
         self.limits = Limits(**limits)
         self.registry_name = registry_name
         self.access = AccessControl(api_keys if api_keys is not None else keys_from_environment())
+        self.jobs = JobStore()
+        self.jobs.mark_interrupted()  # what a previous run left running cannot be finished now
+        self.tasks: dict = {}  # job id -> Ray ObjectRef of its task
 
     def _allow(self, request: Request, role: str = "user") -> None:
         self.access.authorize(request.headers.get("authorization"), role)
@@ -317,7 +323,7 @@ class Ingress:
     @counted("GET", "/metrics")
     async def metrics(self, request: Request):
         self._allow(request, "admin")
-        text = METRICS.render()
+        text = METRICS.render() + self._job_gauges()
         for handle in self.models.values():
             text += await handle.metrics_text.remote()
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
@@ -483,12 +489,18 @@ class Ingress:
         return await self._set_deployed(name, request, False)
 
     async def _set_deployed(self, name: str, request: Request, deployed: bool) -> dict:
-        from dictionaries.store import DictionaryStore
-
         self._allow(request, "admin")
         raw = await request.body()
-        body = json.loads(raw) if raw.strip() else {}
-        model_name, handle = self._handle(body.get("model") if isinstance(body, dict) else None)
+        try:
+            body = json.loads(raw) if raw.strip() else {}
+        except json.JSONDecodeError as err:
+            raise ApiError(400, f"the body is not valid JSON ({err})") from None
+        return await self._deploy(name, body.get("model") if isinstance(body, dict) else None, deployed)
+
+    async def _deploy(self, name: str, model: str | None, deployed: bool) -> dict:
+        from dictionaries.store import DictionaryStore
+
+        model_name, handle = self._handle(model)
         if not self.registry_name:
             raise ApiError(503, "this app was built without a registry; hot deployment is off", type="server_error")
         if deployed:
@@ -517,6 +529,146 @@ class Ingress:
             raise ApiError(400, f"dictionary {name!r} failed to load: {next(iter(failures.values()))}", param="name")
         return {"dictionary": name, "model": model_name, "deployed": deployed, "replicas": progress["replicas"],
                 "version": version}
+
+    # --- jobs ------------------------------------------------------------------------------------------
+
+    def _job_gauges(self) -> str:
+        counts = self.jobs.counts()
+        lines = ["# HELP steerserve_jobs Jobs by kind and state.", "# TYPE steerserve_jobs gauge"]
+        for kind in ("evaluation", "training"):
+            for state in ("queued", "running", "succeeded", "failed", "cancelled"):
+                lines.append(f'steerserve_jobs{{kind="{kind}",state="{state}"}} {counts.get((kind, state), 0)}')
+        return "\n".join(lines) + "\n"
+
+    def _launch(self, kind: str, work, request: dict, after=None) -> dict:
+        import ray
+
+        from service.model_server import environment_for_workers
+
+        job_id = self.jobs.create(kind, request)
+        task = ray.remote(num_cpus=1, max_retries=0)(work).options(
+            runtime_env={"env_vars": environment_for_workers()}, name=f"steerserve-{job_id}")
+        ref = task.remote(job_id, request)
+        self.tasks[job_id] = ref
+        asyncio.get_running_loop().create_task(self._watch(job_id, ref, after))
+        return {"id": job_id, "kind": kind, "status": "queued"}
+
+    async def _watch(self, job_id: str, ref, after) -> None:
+        import ray
+
+        try:
+            result = await ref
+            if after is not None:
+                await after(job_id, result)
+        except (ray.exceptions.TaskCancelledError, asyncio.CancelledError):
+            self.jobs.finish(job_id, "cancelled", message="cancelled")
+        except Exception as err:
+            cause = getattr(err, "cause", None) or err
+            self.jobs.finish(job_id, "failed", error=f"{type(cause).__name__}: {cause}"[:2000])
+        finally:
+            self.tasks.pop(job_id, None)
+
+    def _job(self, kind: str, job_id: str) -> dict:
+        record = self.jobs.get(job_id)
+        if record is None or record["kind"] != kind:
+            raise ApiError(404, f"no {kind} job {job_id!r}", type="not_found_error", param="id")
+        return record
+
+    def _cancel(self, kind: str, job_id: str) -> dict:
+        import ray
+
+        record = self._job(kind, job_id)
+        if record["status"] in FINISHED:
+            return record
+        ref = self.tasks.get(job_id)
+        if ref is not None:
+            ray.cancel(ref, force=True)
+        self.jobs.finish(job_id, "cancelled", message="cancelled by the caller")
+        return self._job(kind, job_id)
+
+    @app.post("/v1/evaluations", status_code=202, openapi_extra=_request_body(EvaluationJobRequest))
+    @counted("POST", "/v1/evaluations")
+    async def create_evaluation(self, request: Request) -> dict:
+        from dictionaries.store import DictionaryStore
+
+        self._allow(request)
+        body = await self._body(request, EvaluationJobRequest)
+        store = DictionaryStore()
+        if body.dictionary not in store:
+            raise ApiError(404, f"no dictionary named {body.dictionary!r} in the store", type="not_found_error",
+                           param="dictionary")
+        for index, edit in enumerate(body.edits):
+            if edit.dictionary not in store:
+                raise ApiError(400, f"edits[{index}].dictionary: no dictionary named {edit.dictionary!r}",
+                               param=f"edits[{index}].dictionary")
+            if edit.feature >= store.config(edit.dictionary).d_sae:
+                raise ApiError(400, f"edits[{index}].feature: {edit.feature} is out of range for {edit.dictionary!r}",
+                               param=f"edits[{index}].feature")
+        return self._launch("evaluation", run_evaluation, body.model_dump())
+
+    @app.get("/v1/evaluations")
+    @counted("GET", "/v1/evaluations")
+    async def list_evaluations(self, request: Request) -> dict:
+        self._allow(request)
+        return {"object": "list", "data": self.jobs.list("evaluation")}
+
+    @app.get("/v1/evaluations/{job_id}")
+    @counted("GET", "/v1/evaluations/{job_id}")
+    async def get_evaluation(self, job_id: str, request: Request) -> dict:
+        self._allow(request)
+        return self._job("evaluation", job_id)
+
+    @app.delete("/v1/evaluations/{job_id}")
+    @counted("DELETE", "/v1/evaluations/{job_id}")
+    async def cancel_evaluation(self, job_id: str, request: Request) -> dict:
+        self._allow(request)
+        return self._cancel("evaluation", job_id)
+
+    @app.post("/v1/trainings", status_code=202, openapi_extra=_request_body(TrainingJobRequest))
+    @counted("POST", "/v1/trainings")
+    async def create_training(self, request: Request) -> dict:
+        from dictionaries.config import DictionaryError
+        from dictionaries.store import validate_name
+
+        self._allow(request, "admin")
+        body = await self._body(request, TrainingJobRequest)
+        try:
+            validate_name(body.name)
+        except DictionaryError as err:
+            raise ApiError(400, str(err), param="name") from None
+        if body.deploy and body.model not in self.models:
+            raise ApiError(400, f"deploy: model {body.model!r} is not served here (served: {', '.join(self.models)})",
+                           param="deploy")
+        after = self._deploy_trained if body.deploy else None
+        return self._launch("training", run_training, body.model_dump(), after)
+
+    async def _deploy_trained(self, job_id: str, result: dict) -> None:
+        model = self.jobs.get(job_id)["request"]["model"]
+        deployed = []
+        for entry in result["dictionaries"]:
+            try:
+                deployed.append(await self._deploy(entry["name"], model, True))
+            except ApiError as err:
+                deployed.append({"dictionary": entry["name"], "deployed": False, "error": err.message})
+        self.jobs.update(job_id, result={**result, "deployments": deployed})
+
+    @app.get("/v1/trainings")
+    @counted("GET", "/v1/trainings")
+    async def list_trainings(self, request: Request) -> dict:
+        self._allow(request, "admin")
+        return {"object": "list", "data": self.jobs.list("training")}
+
+    @app.get("/v1/trainings/{job_id}")
+    @counted("GET", "/v1/trainings/{job_id}")
+    async def get_training(self, job_id: str, request: Request) -> dict:
+        self._allow(request, "admin")
+        return self._job("training", job_id)
+
+    @app.delete("/v1/trainings/{job_id}")
+    @counted("DELETE", "/v1/trainings/{job_id}")
+    async def cancel_training(self, job_id: str, request: Request) -> dict:
+        self._allow(request, "admin")
+        return self._cancel("training", job_id)
 
     async def _first_with(self, name: str, call):
         last = None

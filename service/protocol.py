@@ -156,3 +156,39 @@ class InspectRequest(_Model):
     text: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     dictionary: str = Field(min_length=1, max_length=64)
     top_k: int = Field(default=5, ge=1, le=64)
+
+
+class EvaluationJobRequest(_Model):
+    """``POST /v1/evaluations``: evaluate a stored dictionary (and edits) in the background."""
+
+    dictionary: str = Field(min_length=1, max_length=64)
+    edits: list[EditSpec] = Field(default_factory=list, max_length=32)
+    corpus: str = Field(default="builtin:pydocs/heldout", min_length=1, max_length=512)
+    tokens: int = Field(default=32768, ge=128, le=4_000_000)
+    model: str | None = None
+
+
+class TrainingJobRequest(_Model):
+    """``POST /v1/trainings`` (admin): train a sweep and publish it; ``deploy`` serves the result."""
+
+    name: str = Field(min_length=1, max_length=64)
+    model: str = "pythia-tiny"
+    hook: str = Field(pattern=r"^blocks\.\d+\.hook_resid_(pre|post)$")
+    architecture: Literal["relu", "topk"] = "topk"
+    d_sae: list[int] = Field(default_factory=lambda: [1024], min_length=1, max_length=8)
+    l1: list[float] = Field(default_factory=lambda: [1.0], min_length=1, max_length=8)
+    k: list[int] = Field(default_factory=lambda: [32], min_length=1, max_length=8)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, max_length=8)
+    tokens: int = Field(default=1_000_000, ge=1024, le=200_000_000)
+    batch_size: int = Field(default=2048, ge=64, le=65536)
+    learning_rate: float = Field(default=2e-3, gt=0, le=1)
+    context_length: int = Field(default=128, ge=8, le=2048)
+    seed: int = Field(default=0, ge=0)
+    deploy: bool = False
+
+    @field_validator("d_sae")
+    @classmethod
+    def _sizes(cls, value):
+        if any(not 16 <= size <= 262144 for size in value):
+            raise ValueError("each d_sae must be in [16, 262144]")
+        return value

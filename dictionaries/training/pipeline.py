@@ -50,7 +50,9 @@ def heldout_corpus(corpus: str) -> str:
 
 def train_and_publish(loaded, config: TrainConfig, *, name: str, store: DictionaryStore | None = None,
                       run_dir: Path | None = None, resume: bool = False, progress: bool = True,
-                      heldout_windows_count: int = HELDOUT_WINDOWS, feature_windows: int = 64) -> list[dict]:
+                      heldout_windows_count: int = HELDOUT_WINDOWS, feature_windows: int = 64,
+                      on_progress=None) -> list[dict]:
+    """Train, measure and store; ``on_progress(fraction, record)`` is called after every step."""
     store = store or DictionaryStore()
     names = member_names(name, list(config.specs))
     run_dir = Path(run_dir or steerserve_home() / "runs" / name)
@@ -59,6 +61,8 @@ def train_and_publish(loaded, config: TrainConfig, *, name: str, store: Dictiona
 
     def show(tokens: int, record: dict) -> None:
         bar.update(tokens)
+        if on_progress is not None:
+            on_progress(record["tokens"] / config.tokens, record)
         if record["step"] % 5 == 0:
             members = record["members"]
             mean = lambda key: sum(m[key] for m in members) / len(members)  # noqa: E731

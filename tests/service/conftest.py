@@ -29,6 +29,9 @@ def served_dictionaries(pythia_tiny, default_dictionary):
     return {default_dictionary[0]: default_dictionary[1], "random-l1": store.load("random-l1")}
 
 
+SERVER: dict = {}  # the session app's arguments, for the restart test
+
+
 @pytest.fixture(scope="session")
 def server(served_dictionaries):
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -41,6 +44,7 @@ def server(served_dictionaries):
     args = AppArgs(models=[ModelArgs(name="pythia-tiny", dictionaries=sorted(served_dictionaries), torch_threads=2)],
                    limits=Limits(max_new_tokens=64, max_prompt_tokens=256, max_edits=8, max_body_bytes=16384))
     url = run(args, port=_free_port(), temp_dir=TEST_HOME / "ray", name="steerserve-test")
+    SERVER["args"] = args
     yield url
     serve.shutdown()
     import ray
