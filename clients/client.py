@@ -165,6 +165,37 @@ class Client:
     def undeploy(self, name: str, model: str | None = None) -> dict:
         return self._json("DELETE", f"/v1/dictionaries/{name}/deploy", {"model": model} if model else None)
 
+    # --- jobs -------------------------------------------------------------------------------------------
+
+    def evaluate(self, dictionary: str, *, edits: list[dict] = (), corpus: str = "builtin:pydocs/heldout",
+                 tokens: int = 32768, model: str | None = None) -> dict:
+        body = {"dictionary": dictionary, "edits": list(edits), "corpus": corpus, "tokens": tokens}
+        if model:
+            body["model"] = model
+        return self._json("POST", "/v1/evaluations", body)
+
+    def train(self, **settings) -> dict:
+        """Start a training job (admin); ``settings`` are the fields of POST /v1/trainings."""
+        return self._json("POST", "/v1/trainings", settings)
+
+    def job(self, kind: str, job_id: str) -> dict:
+        """``kind``: ``evaluations`` or ``trainings``."""
+        return self._json("GET", f"/v1/{kind}/{job_id}")
+
+    def cancel(self, kind: str, job_id: str) -> dict:
+        return self._json("DELETE", f"/v1/{kind}/{job_id}")
+
+    def wait(self, kind: str, job_id: str, *, poll: float = 1.0, timeout: float = 24 * 3600, on_progress=None) -> dict:
+        """Poll a job until it finishes (or ``timeout`` seconds pass); ``on_progress(record)`` each poll."""
+        deadline = time.time() + timeout
+        while True:
+            record = self.job(kind, job_id)
+            if on_progress is not None:
+                on_progress(record)
+            if record["status"] in ("succeeded", "failed", "cancelled") or time.time() > deadline:
+                return record
+            time.sleep(poll)
+
     def metrics(self) -> str:
         return self._request("GET", "/metrics").text
 

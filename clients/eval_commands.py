@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 
 def _load(args):
@@ -24,7 +26,38 @@ def _load(args):
     return store, loaded, dictionaries, edits
 
 
+def _remote(args, kind: str, start) -> int:
+    """Submit a job to ``--server``; with ``--wait``, show its progress until it ends."""
+    from clients.client import Client
+
+    client = Client(args.server, api_key=args.api_key)
+    job = start(client)
+    print(f"{kind[:-1]} job {job['id']} queued on {args.server}")
+    if not args.wait:
+        print(f"follow it with: curl {args.server}/v1/{kind}/{job['id']}")
+        return 0
+
+    def show(record: dict) -> None:
+        print(f"\r  {record['status']:<10} {100 * record['progress']:5.1f}%  {record.get('message') or ''}"[:100].ljust(100),
+              end="", flush=True)
+
+    record = client.wait(kind, job["id"], on_progress=show)
+    print()
+    if record["status"] != "succeeded":
+        print(f"error: the job ended {record['status']}: {record.get('error') or ''}", file=sys.stderr)
+        return 1
+    if args.json or kind == "trainings":
+        print(json.dumps(record["result"], indent=2)[:20000])
+    return 0
+
+
 def _eval(args) -> int:
+    if args.server:
+        from clients.serve_commands import _edit_dict
+
+        return _remote(args, "evaluations", lambda client: client.evaluate(
+            args.dictionary, edits=[_edit_dict(e) for e in args.edit or []], corpus=args.corpus, tokens=args.tokens,
+            model=args.model))
     from tqdm.auto import tqdm
 
     from editing.evaluate import evaluate, feature_effect
@@ -81,4 +114,7 @@ def add_commands(commands) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--write-metrics", action="store_true", help="store the results in the dictionary's metrics.json")
+    parser.add_argument("--server", help="run it as a job on this server instead of here")
+    parser.add_argument("--wait", action="store_true", help="with --server: show progress until the job ends")
+    parser.add_argument("--api-key", default=os.environ.get("STEERSERVE_API_KEY"))
     parser.set_defaults(handler=_eval)

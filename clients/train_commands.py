@@ -10,7 +10,9 @@ combination is trained together on one activation stream and stored as ``NAME-<l
 
 from __future__ import annotations
 
+import argparse
 import itertools
+import os
 import sys
 
 
@@ -23,6 +25,19 @@ def _ints(text: str) -> list[int]:
 
 
 def _train(args) -> int:
+    if args.server:
+        from clients.eval_commands import _remote
+
+        if args.default or not (args.hook and args.name):
+            print("error: with --server, give --hook and --name (the default dictionary is trained locally)",
+                  file=sys.stderr)
+            return 2
+        settings = {"name": args.name, "model": args.model, "hook": args.hook, "architecture": args.arch,
+                    "d_sae": _ints(args.d_sae), "l1": _floats(args.l1 or "1"), "k": _ints(args.k or "32"),
+                    "seeds": _ints(args.seeds), "tokens": args.tokens, "batch_size": args.batch_size,
+                    "learning_rate": args.lr, "context_length": args.context_length, "seed": args.seed,
+                    "deploy": args.deploy}
+        return _remote(args, "trainings", lambda client: client.train(**settings))
     from dictionaries.training.ensemble import SaeSpec
     from dictionaries.training.pipeline import DEFAULT_NAME, default_config, train_and_publish
     from dictionaries.training.trainer import TrainConfig
@@ -79,4 +94,13 @@ def add_commands(commands) -> None:
     train.add_argument("--cache", action="store_true", help="cache activations on disk and reuse them")
     train.add_argument("--device", default="cpu")
     train.add_argument("--name", help="store name (sweep members get NAME-<label>)")
+    train.add_argument("--server", help="run it as a job on this server instead of here")
+    train.add_argument("--wait", action="store_true", help="with --server: show progress until the job ends")
+    train.add_argument("--deploy", action="store_true", help="with --server: serve the result when it succeeds")
+    train.add_argument("--api-key", default=os.environ.get("STEERSERVE_API_KEY"))
+    train.add_argument("--json", action="store_true", help=argparse_suppress())
     train.set_defaults(handler=_train)
+
+
+def argparse_suppress() -> str:
+    return argparse.SUPPRESS

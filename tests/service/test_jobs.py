@@ -91,6 +91,30 @@ def test_cancel_keeps_the_service_serving(server):
     assert requests.post(server + "/v1/generate", json={"prompt": "x", "max_new_tokens": 2}, timeout=60).status_code == 200
 
 
+def test_cli_runs_jobs_on_the_server(server):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "clients.cli", *args], cwd=REPO, capture_output=True, text=True,
+                              timeout=600, env={**os.environ})
+
+    evaluated = cli("eval", "--dictionary", DEFAULT, "--tokens", "1024", "--server", server, "--wait", "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "job" in evaluated.stdout and '"ce_loss_recovered"' in evaluated.stdout
+    queued = cli("eval", "--dictionary", DEFAULT, "--tokens", "1024", "--server", server)
+    assert queued.returncode == 0 and "follow it with" in queued.stdout
+    trained = cli("train", "--server", server, "--wait", "--hook", "blocks.1.hook_resid_post", "--arch", "topk",
+                  "--d-sae", "32", "--k", "2", "--tokens", "4096", "--batch-size", "512", "--name", "cli-job")
+    assert trained.returncode == 0, trained.stderr
+    assert '"cli-job"' in trained.stdout and "cli-job" in DictionaryStore()
+    bad = cli("eval", "--dictionary", "nope", "--server", server)
+    assert bad.returncode == 2 and "no dictionary named 'nope'" in bad.stderr
+
+
 def test_jobs_survive_a_restart(server):
     from ray import serve
 
