@@ -59,11 +59,12 @@ class Client:
 
     # --- transport ----------------------------------------------------------------------------------
 
-    def _request(self, method: str, path: str, body: dict | None = None, *, stream: bool = False) -> requests.Response:
+    def _request(self, method: str, path: str, body: dict | None = None, *, stream: bool = False,
+                 files: dict | None = None) -> requests.Response:
         for attempt in range(self.retries + 1):
             try:
-                response = self.session.request(method, self.base_url + path, json=body, timeout=self.timeout,
-                                                stream=stream)
+                response = self.session.request(method, self.base_url + path, json=body, files=files,
+                                                timeout=self.timeout, stream=stream)
             except requests.ConnectionError:
                 if attempt == self.retries:
                     raise
@@ -142,22 +143,7 @@ class Client:
         directory = Path(directory)
         files = {part: (part, (directory / part).read_bytes())
                  for part in ("config.json", "sae.safetensors", "metrics.json") if (directory / part).is_file()}
-        for attempt in range(self.retries + 1):
-            try:
-                response = self.session.put(f"{self.base_url}/v1/dictionaries/{name}", files=files, timeout=self.timeout)
-            except requests.ConnectionError:
-                if attempt == self.retries:
-                    raise
-                time.sleep(self.backoff * 2**attempt)
-                continue
-            if response.status_code >= 400:
-                try:
-                    payload = response.json()
-                except ValueError:
-                    payload = None
-                raise SteerserveError(response.status_code, payload, response.text[:500])
-            return response.json()
-        raise AssertionError("unreachable")
+        return self._request("PUT", f"/v1/dictionaries/{name}", files=files).json()
 
     def deploy(self, name: str, model: str | None = None) -> dict:
         return self._json("POST", f"/v1/dictionaries/{name}/deploy", {"model": model} if model else None)
