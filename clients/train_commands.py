@@ -10,7 +10,6 @@ combination is trained together on one activation stream and stored as ``NAME-<l
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import os
 import sys
@@ -98,9 +97,5 @@ def add_commands(commands) -> None:
     train.add_argument("--wait", action="store_true", help="with --server: show progress until the job ends")
     train.add_argument("--deploy", action="store_true", help="with --server: serve the result when it succeeds")
     train.add_argument("--api-key", default=os.environ.get("STEERSERVE_API_KEY"))
-    train.add_argument("--json", action="store_true", help=argparse_suppress())
+    train.add_argument("--json", action="store_true", help="with --server --wait: print the job's result as JSON")
     train.set_defaults(handler=_train)
-
-
-def argparse_suppress() -> str:
-    return argparse.SUPPRESS

@@ -41,7 +41,8 @@ class AppArgs(BaseModel):
 
 def build_app(args: dict | AppArgs):
     """The Ray Serve application for ``args``."""
-    from service.deployments import Ingress, ModelDeployment
+    from service.ingress import Ingress
+    from service.model_deployment import ModelDeployment
 
     args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
     limits = args.limits

@@ -51,7 +51,7 @@ class ModelConfig:
 
 class ModelServer:
     def __init__(self, config: ModelConfig, limits: Limits = Limits()):
-        from dictionaries.store import DictionaryStore, check_compatibility
+        from dictionaries.store import DictionaryStore
         from editing.engine import Engine
         from editing.model import load_model
 

@@ -1,260 +1,32 @@
-"""The Ray Serve deployments: a thin FastAPI ingress and one model deployment a model.
+"""The ingress deployment: the HTTP API (``/v1/...``, ``/healthz``, ``/metrics``), access control,
+jobs, uploads and hot deployment; it holds a ``DeploymentHandle`` to each model deployment.
 
-    client ─HTTP─► Ingress (FastAPI, validates the wire format, error envelopes)
-                      │ DeploymentHandle
-                      ▼
-                 ModelDeployment (loads the model and dictionaries once; @serve.batch
-                                  gathers concurrent requests, with different edits, into
-                                  one engine batch that runs off the event loop)
+    client ─HTTP─► Ingress ─DeploymentHandle─► ModelDeployment (one a model)
 """
 
-
 import asyncio
-import functools
 import json
-import threading
 import time
 import uuid
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi import Request
+from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 
 from service.access import AccessControl, keys_from_environment
-from service.metrics import ingress_registry, model_registry
-from service.model_server import DeltaStreamer, Limits, ModelConfig, ModelServer
+from service.http import METRICS, _request_body, _unwrap, app, counted
 from service.jobs import FINISHED, JobStore, run_evaluation, run_training
+from service.model_server import Limits
 from service.protocol import (
     ApiError,
     CompletionRequest,
     EvaluationJobRequest,
-    TrainingJobRequest,
     GenerateRequest,
     InspectRequest,
-    error_body,
+    TrainingJobRequest,
     validation_param,
 )
-
-
-@serve.deployment(max_ongoing_requests=64)
-class ModelDeployment:
-    def __init__(self, config: dict, limits: dict, registry_name: str | None = None):
-        self.server = ModelServer(ModelConfig(**config), Limits(**limits))
-        self.metrics = model_registry()
-        self.registry_name = registry_name
-        if registry_name:
-            threading.Thread(target=self._follow_registry, daemon=True, name="steerserve-registry").start()
-
-    def _follow_registry(self) -> None:
-        """Keep this replica's dictionaries equal to the registry's desired set (hot deployment)."""
-        import ray
-
-        from service.registry import HEARTBEAT_S, registry
-
-        replica, model = uuid.uuid4().hex, self.server.config.name
-        actor = registry(self.registry_name)
-        state = ray.get(actor.initialise.remote(model, sorted(self.server.engine.dictionaries)))
-        applied, errors = 0, {}
-        while True:
-            try:
-                if state["version"] != applied:
-                    errors = self.server.sync(state["names"])
-                    applied = state["version"]
-                actor.ack.remote(model, replica, applied, errors)
-                time.sleep(HEARTBEAT_S)
-                state = ray.get(actor.state.remote(model))
-            except Exception:  # the registry restarting must not kill the replica
-                time.sleep(1.0)
-
-    async def check_dictionary(self, name: str) -> dict:
-        """Whether ``name`` (in the store) can be served by this model: errors and warnings."""
-        try:
-            report = await asyncio.to_thread(self.server.compatibility, name)
-        except Exception as err:
-            return {"errors": [str(err)], "warnings": []}
-        return {"errors": report.errors, "warnings": report.warnings}
-        self._batched.set_max_batch_size(self.server.limits.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(self.server.limits.batch_wait_timeout_s)
-
-    async def _call(self, fn, *args) -> dict:
-        """Run ``fn``; an :class:`ApiError` comes back as data (exceptions do not cross handles well)."""
-        try:
-            return {"ok": await fn(*args)}
-        except ApiError as err:
-            return {"error": err.body(), "status": err.status}
-
-    async def generate(self, request: GenerateRequest) -> dict:
-        async def work():
-            engine_request = self.server.check(request)
-            result = await self._batched(engine_request)
-            if isinstance(result, ApiError):
-                raise result
-            return self.server.response(result)
-        return await self._call(work)
-
-    async def generate_stream(self, request: GenerateRequest):
-        """Yield ``{"delta": text}`` while the request's batch runs, then ``{"final": response, "delta": rest}``;
-        or one ``{"error": ...}``. The deltas concatenate to the final text."""
-        try:
-            engine_request = self.server.check(request)
-        except ApiError as err:
-            yield {"error": err.body(), "status": err.status}
-            return
-        item = _Streamed(engine_request, list(request.stop))
-        task = asyncio.ensure_future(self._batched(item))
-        sent = ""
-        while not task.done() or not item.queue.empty():
-            getter = asyncio.ensure_future(item.queue.get())
-            done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-            if getter in done:
-                sent += getter.result()
-                yield {"delta": getter.result()}
-            else:
-                getter.cancel()
-        if isinstance(task.result(), ApiError):
-            yield {"error": task.result().body(), "status": task.result().status}
-            return
-        response = self.server.response(task.result())
-        response.pop("text_pieces", None)
-        yield {"final": response, "delta": response["text"][len(sent):]}
-
-    async def metrics_text(self) -> str:
-        return self.metrics.render()
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _batched(self, items: list) -> list:
-        self.metrics.observe("steerserve_batch_size", len(items), model=self.server.config.name)
-        self.metrics.inc("steerserve_batches_total", model=self.server.config.name)
-        requests = [item.request if isinstance(item, _Streamed) else item for item in items]
-        streamed = {i: item for i, item in enumerate(items) if isinstance(item, _Streamed)}
-        if not streamed:
-            return await asyncio.to_thread(self.server.generate_batch, requests)
-        loop = asyncio.get_running_loop()
-        for item in streamed.values():
-            item.streamer = DeltaStreamer(self.server.loaded.tokenizer, item.stops)
-
-        def on_step(progress: dict) -> None:  # in the engine's thread, after every step; index -> state
-            for i, item in streamed.items():
-                if i not in progress:
-                    continue
-                tokens, finish_reason, stopped_text = progress[i]
-                if item.finished:
-                    continue
-                delta = item.streamer.update(tokens, finish_reason, stopped_text)
-                if delta:
-                    loop.call_soon_threadsafe(item.queue.put_nowait, delta)
-                item.finished = finish_reason is not None
-
-        return await asyncio.to_thread(self.server.generate_batch, requests, on_step)
-
-    async def inspect(self, request: InspectRequest) -> dict:
-        return await self._call(lambda: asyncio.to_thread(self.server.inspect, request))
-
-    async def describe(self) -> dict:
-        return {"ok": self.server.model_card()}
-
-    async def dictionaries(self) -> dict:
-        return {"ok": [self.server.dictionary_summary(n) for n in sorted(self.server.engine.dictionaries)]}
-
-    async def dictionary(self, name: str) -> dict:
-        return await self._call(lambda: asyncio.to_thread(self.server.dictionary_detail, name))
-
-    async def feature(self, name: str, index: int) -> dict:
-        return await self._call(lambda: asyncio.to_thread(self.server.feature, name, index))
-
-    def check_health(self) -> None:
-        if not self.server.lock.acquire(timeout=300):  # a wedged forward makes the replica unhealthy
-            raise RuntimeError("the model has been busy for 5 minutes")
-        self.server.lock.release()
-
-
-class _Streamed:
-    """A request whose text deltas go to ``queue`` while its batch runs."""
-
-    def __init__(self, request, stops: list[str]):
-        self.request, self.stops = request, stops
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.streamer: DeltaStreamer | None = None
-        self.finished = False
-
-
-app = FastAPI(title="steerserve", version="0.1.0",
-              description="Steered generation through sparse-autoencoder dictionary features, per request.")
-
-
-def _request_body(model) -> dict:
-    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-    schema.pop("$defs", None)
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
-
-
-def _openapi() -> dict:
-    """FastAPI's schema, plus the request models (the routes read their bodies themselves,
-    to answer every mistake with the error envelope)."""
-    if app.openapi_schema is None:
-        from fastapi.openapi.utils import get_openapi
-
-        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-        components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in (GenerateRequest, CompletionRequest, InspectRequest):
-            full = model.model_json_schema(ref_template="#/components/schemas/{model}")
-            components.update(full.pop("$defs", {}))
-            components[model.__name__] = full
-        app.openapi_schema = schema
-    return app.openapi_schema
-
-
-app.openapi = _openapi
-METRICS = ingress_registry()  # this process's (the ingress replica's) counters
-
-
-def counted(method: str, endpoint: str):
-    """Count an endpoint's requests by status and time them (routes are counted one by one:
-    app-level middleware does not run under Serve's class-based ingress)."""
-    def wrap(fn):
-        @functools.wraps(fn)
-        async def inner(*args, **kwargs):
-            started, status = time.perf_counter(), 200
-            try:
-                return await fn(*args, **kwargs)
-            except ApiError as err:
-                status = err.status
-                raise
-            except Exception:
-                status = 500
-                raise
-            finally:
-                METRICS.inc("steerserve_requests_total", endpoint=endpoint, method=method, status=status)
-                METRICS.observe("steerserve_request_seconds", time.perf_counter() - started, endpoint=endpoint)
-        return inner
-    return wrap
-
-
-@app.exception_handler(ApiError)
-async def _api_error(request: Request, err: ApiError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
-
-
-@app.exception_handler(RequestValidationError)
-async def _path_error(request: Request, err: RequestValidationError) -> JSONResponse:
-    first = err.errors()[0] if err.errors() else {}
-    return JSONResponse(error_body("invalid_request_error", first.get("msg", "invalid request"),
-                                   validation_param(tuple(first.get("loc", ())))), status_code=400)
-
-
-@app.exception_handler(Exception)
-async def _server_error(request: Request, err: Exception) -> JSONResponse:
-    return JSONResponse(error_body("server_error", f"internal error ({type(err).__name__}); the request was not completed"),
-                        status_code=500)
-
-
-def _unwrap(result: dict):
-    if "error" in result:
-        raise ApiError(result["status"], result["error"]["error"]["message"], type=result["error"]["error"]["type"],
-                       param=result["error"]["error"]["param"])
-    return result["ok"]
 
 
 @serve.deployment(max_ongoing_requests=256)

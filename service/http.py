@@ -1,0 +1,96 @@
+"""The FastAPI app the ingress serves: error envelopes, the OpenAPI schema with the request
+models, and per-route request counting for ``/metrics``."""
+
+import functools
+import time
+import types
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from service.metrics import ingress_registry
+from service.protocol import (
+    ApiError,
+    CompletionRequest,
+    EvaluationJobRequest,
+    GenerateRequest,
+    InspectRequest,
+    TrainingJobRequest,
+    error_body,
+    validation_param,
+)
+
+app = FastAPI(title="steerserve", version="0.1.0",
+              description="Steered generation through sparse-autoencoder dictionary features, per request.")
+
+
+def _request_body(model) -> dict:
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    schema.pop("$defs", None)
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _openapi(served: FastAPI) -> dict:
+    """FastAPI's schema, plus the request models (the routes read their bodies themselves,
+    to answer every mistake with the error envelope). Built on each call: Serve re-mounts the
+    ingress's routes after import, so a schema cached early would miss them."""
+    served.openapi_schema = None
+    schema = FastAPI.openapi(served)  # FastAPI's own walk of the (re-mounted) routes
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for model in (GenerateRequest, CompletionRequest, InspectRequest, EvaluationJobRequest, TrainingJobRequest):
+        full = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(full.pop("$defs", {}))
+        components[model.__name__] = full
+    return schema
+
+
+app.openapi = types.MethodType(_openapi, app)  # bound: the app that serves, wherever it was unpickled
+METRICS = ingress_registry()  # this process's (the ingress replica's) counters
+
+
+def counted(method: str, endpoint: str):
+    """Count an endpoint's requests by status and time them (routes are counted one by one:
+    app-level middleware does not run under Serve's class-based ingress)."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        async def inner(*args, **kwargs):
+            started, status = time.perf_counter(), 200
+            try:
+                return await fn(*args, **kwargs)
+            except ApiError as err:
+                status = err.status
+                raise
+            except Exception:
+                status = 500
+                raise
+            finally:
+                METRICS.inc("steerserve_requests_total", endpoint=endpoint, method=method, status=status)
+                METRICS.observe("steerserve_request_seconds", time.perf_counter() - started, endpoint=endpoint)
+        return inner
+    return wrap
+
+
+@app.exception_handler(ApiError)
+async def _api_error(request: Request, err: ApiError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def _path_error(request: Request, err: RequestValidationError) -> JSONResponse:
+    first = err.errors()[0] if err.errors() else {}
+    return JSONResponse(error_body("invalid_request_error", first.get("msg", "invalid request"),
+                                   validation_param(tuple(first.get("loc", ())))), status_code=400)
+
+
+@app.exception_handler(Exception)
+async def _server_error(request: Request, err: Exception) -> JSONResponse:
+    return JSONResponse(error_body("server_error", f"internal error ({type(err).__name__}); the request was not completed"),
+                        status_code=500)
+
+
+def _unwrap(result: dict):
+    if "error" in result:
+        raise ApiError(result["status"], result["error"]["error"]["message"], type=result["error"]["error"]["type"],
+                       param=result["error"]["error"]["param"])
+    return result["ok"]
