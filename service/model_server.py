@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-import time
 import uuid
 from dataclasses import asdict, dataclass, field
 
@@ -283,16 +282,6 @@ class DeltaStreamer:
             return ""
         delta, self.emitted = text[len(self.emitted):], text
         return delta
-
-
-def wait_for(predicate, timeout: float = 60.0, interval: float = 0.2) -> bool:
-    """Poll ``predicate`` until it is true or ``timeout`` passes (used by start-up code)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return False
 
 
 def environment_for_workers() -> dict:
