@@ -114,7 +114,6 @@ class Ingress:
         body = await self._body(request, GenerateRequest)
         name, handle = self._handle(body.model)
         result = _unwrap(await handle.generate.remote(body))
-        result.pop("text_pieces", None)
         self._count_work(name, result, body.edits)
         return result
 
@@ -136,7 +135,7 @@ class Ingress:
                     "total_tokens": result["prompt_tokens"] + len(result["tokens"])}
 
         if not body.stream:
-            result = _unwrap(await handle.generate.remote(native))
+            result = _unwrap(await handle.generate.remote(native, text_pieces=body.logprobs is not None))
             self._count_work(name, result, body.edits)
             logprobs = None
             if body.logprobs is not None:

@@ -61,13 +61,13 @@ class ModelDeployment:
         except ApiError as err:
             return {"error": err.body(), "status": err.status}
 
-    async def generate(self, request: GenerateRequest) -> dict:
+    async def generate(self, request: GenerateRequest, text_pieces: bool = False) -> dict:
         async def work():
             engine_request = self.server.check(request)
             result = await self._batched(engine_request)
             if isinstance(result, ApiError):
                 raise result
-            return self.server.response(result)
+            return self.server.response(result, text_pieces=text_pieces)
         return await self._call(work)
 
     async def generate_stream(self, request: GenerateRequest):
@@ -93,7 +93,6 @@ class ModelDeployment:
             yield {"error": task.result().body(), "status": task.result().status}
             return
         response = self.server.response(task.result())
-        response.pop("text_pieces", None)
         yield {"final": response, "delta": response["text"][len(sent):]}
 
     async def metrics_text(self) -> str:

@@ -12,7 +12,7 @@ import json
 import os
 import threading
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -113,8 +113,8 @@ class ModelServer:
         if len(request.edits) > self.limits.max_edits:
             raise ApiError(400, f"{len(request.edits)} edits; this server allows at most {self.limits.max_edits}",
                            param="edits")
-        engine_request = request.to_engine()
         ids = self.loaded.tokenizer(request.prompt, add_special_tokens=False)["input_ids"]
+        engine_request = replace(request.to_engine(), prompt=tuple(ids))  # tokenized once, here
         if len(ids) > self.limits.max_prompt_tokens:
             raise ApiError(400, f"the prompt is {len(ids)} tokens; this server allows at most "
                                 f"{self.limits.max_prompt_tokens}", param="prompt")
@@ -147,7 +147,8 @@ class ModelServer:
                     results[index] = result
             return results
 
-    def response(self, result) -> dict:
+    def response(self, result, *, text_pieces: bool = False) -> dict:
+        """The wire response; ``text_pieces`` adds one text delta a token (completions' logprobs)."""
         body = {
             "id": f"gen-{uuid.uuid4().hex[:16]}",
             "model": self.config.name,
@@ -159,23 +160,20 @@ class ModelServer:
             "edit_report": result.edit_report,
             "features": result.features,
             "baseline": {"text": result.baseline.text, "tokens": result.baseline.tokens} if result.baseline else None,
-            "text_pieces": self.text_pieces(result.tokens, result.text),
         }
+        if text_pieces:
+            body["text_pieces"] = self.text_pieces(result)
         return body
 
-    def text_pieces(self, tokens: list[int], text: str) -> list[str]:
-        """One text delta a token whose concatenation is ``text`` (for streaming)."""
-        pieces, emitted = [], ""
-        for i in range(len(tokens)):
-            so_far = self.loaded.tokenizer.decode(tokens[: i + 1])
-            if so_far.endswith("\ufffd") or not text.startswith(so_far[: len(text)]):
-                pieces.append("")  # a character split across tokens: wait for the rest
-                continue
-            so_far = so_far[: len(text)]
-            pieces.append(so_far[len(emitted):])
-            emitted = so_far
-        if pieces:
-            pieces[-1] += text[len(emitted):]
+    def text_pieces(self, result) -> list[str]:
+        """One text delta a token, concatenating to ``result.text``: what streaming would have sent."""
+        streamer, decode = DeltaStreamer(self.loaded.tokenizer, []), self.loaded.tokenizer.decode
+        last = len(result.tokens)
+        # each prefix clamped to the final text, which a stop string may have cut short
+        pieces = [streamer.update(result.tokens[:i], None, decode(result.tokens[:i])[: len(result.text)])
+                  for i in range(1, last)]
+        if last:
+            pieces.append(streamer.update(result.tokens, result.finish_reason, result.text))
         return pieces
 
     def inspect(self, request: InspectRequest) -> dict:

@@ -74,6 +74,11 @@ def test_streamed_completion_concatenates_to_the_plain_one(server):
     chunks = [json.loads(line[len("data: "):]) for line in lines[:-1]]
     assert "".join(c["choices"][0]["text"] for c in chunks) == plain["choices"][0]["text"]
     assert chunks[-1]["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]
+    scored = _post(server, "/v1/completions", {**body, "logprobs": 0, "stop": ["\n\n"]}).json()
+    pieces = scored["choices"][0]["logprobs"]
+    assert "".join(pieces["tokens"]) == scored["choices"][0]["text"]
+    assert len(pieces["tokens"]) == len(pieces["token_logprobs"]) == scored["usage"]["completion_tokens"]
+    assert "text_pieces" not in _post(server, "/v1/generate", {"prompt": "x", "max_new_tokens": 2}).json()
 
 
 BAD = [
