@@ -26,18 +26,11 @@ def _client(args):
 
 
 def _edit_dict(text: str) -> dict:
-    """``DICT:FEATURE:OP[:VALUE][@POSITIONS]`` without importing the engine (no torch)."""
-    text, _, positions = text.partition("@")
-    parts = text.split(":")
-    if len(parts) not in (3, 4):
-        raise SystemExit(f"error: edit {text!r}: expected DICT:FEATURE:OP[:VALUE][@all|prompt|generated]")
-    try:
-        edit = {"dictionary": parts[0], "feature": int(parts[1]), "op": parts[2], "positions": positions or "all"}
-        if len(parts) == 4:
-            edit["value"] = float(parts[3])
-    except ValueError:
-        raise SystemExit(f"error: edit {text!r}: FEATURE must be an integer and VALUE a number") from None
-    return edit
+    """``DICT:FEATURE:OP[:VALUE][@POSITIONS]`` as the wire's edit object (the engine's own parser;
+    ``editing.edits`` needs pydantic only, not torch)."""
+    from editing.edits import parse_edit
+
+    return parse_edit(text).model_dump(exclude_none=True)
 
 
 def _generate(args) -> int:

@@ -10,7 +10,6 @@ combination is trained together on one activation stream and stored as ``NAME-<l
 
 from __future__ import annotations
 
-import itertools
 import os
 import sys
 
@@ -37,7 +36,7 @@ def _train(args) -> int:
                     "learning_rate": args.lr, "context_length": args.context_length, "seed": args.seed,
                     "deploy": args.deploy}
         return _remote(args, "trainings", lambda client: client.train(**settings))
-    from dictionaries.training.ensemble import SaeSpec
+    from dictionaries.training.ensemble import sweep_specs
     from dictionaries.training.pipeline import DEFAULT_NAME, default_config, train_and_publish
     from dictionaries.training.trainer import TrainConfig
     from editing.model import load_model
@@ -49,13 +48,8 @@ def _train(args) -> int:
         if missing:
             print(f"error: {' and '.join(missing)} required (or use --default)", file=sys.stderr)
             return 2
-        specs = []
-        for d_sae, seed in itertools.product(_ints(args.d_sae), _ints(args.seeds)):
-            if args.arch == "topk":
-                specs += [SaeSpec("topk", d_sae, k=k, seed=seed) for k in _ints(args.k or "32")]
-            else:
-                specs += [SaeSpec("relu", d_sae, l1=l1, seed=seed, tied=args.tied, l1_mode=args.l1_mode)
-                          for l1 in _floats(args.l1 or "1")]
+        specs = sweep_specs(args.arch, _ints(args.d_sae), l1=_floats(args.l1 or "1"), k=_ints(args.k or "32"),
+                            seeds=_ints(args.seeds), tied=args.tied, l1_mode=args.l1_mode)
         config = TrainConfig(hook=args.hook, specs=tuple(specs), tokens=args.tokens, corpus=args.corpus,
                              context_length=args.context_length, batch_size=args.batch_size,
                              learning_rate=args.lr, seed=args.seed, cache=args.cache,

@@ -140,11 +140,9 @@ def run_evaluation(job_id: str, request: dict) -> dict:
 
 def run_training(job_id: str, request: dict) -> dict:
     """Train (a sweep of) dictionaries and publish them to the store; progress goes to the record."""
-    import itertools
-
     import torch
 
-    from dictionaries.training.ensemble import SaeSpec
+    from dictionaries.training.ensemble import sweep_specs
     from dictionaries.training.pipeline import train_and_publish
     from dictionaries.training.trainer import TrainConfig
     from editing.model import load_model
@@ -154,12 +152,8 @@ def run_training(job_id: str, request: dict) -> dict:
     if not jobs.start(job_id):
         return {}
     jobs.update(job_id, message="loading the model")
-    specs = []
-    for d_sae, seed in itertools.product(request["d_sae"], request["seeds"]):
-        if request["architecture"] == "topk":
-            specs += [SaeSpec("topk", d_sae, k=k, seed=seed) for k in request["k"]]
-        else:
-            specs += [SaeSpec("relu", d_sae, l1=l1, seed=seed) for l1 in request["l1"]]
+    specs = sweep_specs(request["architecture"], request["d_sae"], l1=request["l1"], k=request["k"],
+                        seeds=request["seeds"])
     config = TrainConfig(hook=request["hook"], specs=tuple(specs), tokens=request["tokens"],
                          batch_size=request["batch_size"], learning_rate=request["learning_rate"],
                          context_length=request["context_length"], seed=request["seed"])

@@ -22,6 +22,7 @@ input normalisation):
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +73,18 @@ class SaeSpec:
         parts = [self.architecture, f"f{self.d_sae}"]
         parts.append(f"k{self.k}" if self.architecture == "topk" else f"l1-{self.l1:g}")
         return "-".join(parts + ([f"s{self.seed}"] if self.seed else []))
+
+
+def sweep_specs(architecture: str, d_sae: list[int], *, l1: list[float] = (1.0,), k: list[int] = (32,),
+                seeds: list[int] = (0,), tied: bool = False, l1_mode: str = "decoder_norm") -> list[SaeSpec]:
+    """Every combination of a sweep: sizes × seeds × (k values for topk, L1 coefficients for relu)."""
+    specs = []
+    for size, seed in itertools.product(d_sae, seeds):
+        if architecture == "topk":
+            specs += [SaeSpec("topk", size, k=value, seed=seed) for value in k]
+        else:
+            specs += [SaeSpec(architecture, size, l1=value, seed=seed, tied=tied, l1_mode=l1_mode) for value in l1]
+    return specs
 
 
 class Ensemble(nn.Module):
