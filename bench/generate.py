@@ -19,23 +19,14 @@ import time
 
 import torch
 
+from bench_models import load_bench_model  # bench/bench_models.py (a script's own folder is on sys.path)
+
 from dictionaries.config import DictionaryConfig
 from dictionaries.sae import Dictionary
 from editing.edits import EditSpec
 from editing.engine import Engine, GenerationRequest
 
 PROMPT = "Return the number of items in the container, counting nested values once"
-
-
-def load(name: str, device: str):
-    from editing.model import load_model
-
-    tiny = load_model("pythia-tiny", device=device)
-    if name == "pythia-tiny":
-        return tiny.model, tiny.tokenizer
-    from editing.model import random_gpt_neox
-
-    return random_gpt_neox(device=device), tiny.tokenizer
 
 
 def workload(batch: int, n_edits: int, d_sae: int, new_tokens: int) -> list[GenerationRequest]:
@@ -61,7 +52,8 @@ def main() -> None:
           f"median of {args.repeats}, relu dictionary of {args.d_sae} features at the middle layer")
     print(f"{'model':<18} {'batch':>5} {'unedited tok/s':>15} {'1 feature':>10} {'8 features':>11} {'ratio 1':>8} {'ratio 8':>8}")
     for name in args.models:
-        model, tokenizer = load(name, args.device)
+        loaded = load_bench_model(name, args.device)
+        model, tokenizer = loaded.model, loaded.tokenizer
         layer = model.config.num_hidden_layers // 2
         config = DictionaryConfig(architecture="relu", d_in=model.config.hidden_size, d_sae=args.d_sae,
                                   hook=f"blocks.{layer}.hook_resid_post")

@@ -17,24 +17,12 @@ import time
 
 import torch
 
+from bench_models import load_bench_model  # bench/bench_models.py (a script's own folder is on sys.path)
+
 from dictionaries.training.ensemble import SaeSpec
 from dictionaries.training.trainer import TrainConfig, Trainer
 
 L1S = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
-
-
-def load(name: str, device: str):
-    from editing.model import LoadedModel, ModelInfo, load_model
-
-    tiny = load_model("pythia-tiny", device=device)
-    if name == "pythia-tiny":
-        return tiny
-    from editing.model import random_gpt_neox
-
-    model = random_gpt_neox(device=device)
-    info = ModelInfo(name="pythia-70m-shape", path="", n_layers=6, d_model=512, vocab_size=50304,
-                     sha256="random-init-seed-0", dtype="float32", device=device)
-    return LoadedModel(model=model, tokenizer=tiny.tokenizer, info=info)
 
 
 def timed_run(loaded, specs, tokens: int, hook: str) -> float:
@@ -55,7 +43,7 @@ def main() -> None:
           f"relu dictionaries of 1024 features, L1 sweep {L1S}")
     print(f"{'model':<18} {'1 dict tok/s':>13} {'sweep tok/s':>12} {'sweep s':>8} {'8 runs s':>9} {'speed-up':>9}")
     for name in args.models:
-        loaded = load(name, args.device)
+        loaded = load_bench_model(name, args.device)
         hook = f"blocks.{loaded.model.config.num_hidden_layers // 2 - 1}.hook_resid_post"
         specs = [SaeSpec("relu", 1024, l1=l1) for l1 in L1S]
         from editing.corpora import open_corpus

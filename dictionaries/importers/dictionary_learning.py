@@ -64,27 +64,23 @@ def import_dictionary_learning(path: Path, *, model: str | None = None, hook: st
     common = dict(d_in=d_in, d_sae=d_sae, hook=hook, model_name=model or trainer.get("lm_name") or "",
                   provenance={"imported_from": "dictionary_learning", "source": str(path), "dict_class": dict_class})
 
-    if dict_class == "AutoEncoder":
-        require(what, state, "bias", "encoder.weight", "encoder.bias", "decoder.weight")
+    if dict_class in ("AutoEncoder", "AutoEncoderTopK"):
+        # the two nn.Linear layouts differ only in the name of the shared bias
+        bias = "bias" if dict_class == "AutoEncoder" else "b_dec"
+        require(what, state, bias, "encoder.weight", "encoder.bias", "decoder.weight")
         expect_shape(what, "encoder.weight", state["encoder.weight"], (d_sae, d_in))
         expect_shape(what, "encoder.bias", state["encoder.bias"], (d_sae,))
         expect_shape(what, "decoder.weight", state["decoder.weight"], (d_in, d_sae))
-        expect_shape(what, "bias", state["bias"], (d_in,))
-        config = DictionaryConfig(architecture="relu", dtype=dtype_name(what, state["bias"]), **common)
+        expect_shape(what, bias, state[bias], (d_in,))
         native = {"W_enc": state["encoder.weight"].T, "b_enc": state["encoder.bias"],
-                  "W_dec": state["decoder.weight"].T, "b_dec": state["bias"]}
-    elif dict_class == "AutoEncoderTopK":
-        require(what, state, "b_dec", "encoder.weight", "encoder.bias", "decoder.weight")
-        expect_shape(what, "encoder.weight", state["encoder.weight"], (d_sae, d_in))
-        expect_shape(what, "encoder.bias", state["encoder.bias"], (d_sae,))
-        expect_shape(what, "decoder.weight", state["decoder.weight"], (d_in, d_sae))
-        expect_shape(what, "b_dec", state["b_dec"], (d_in,))
-        k = int(state["k"]) if "k" in state else trainer.get("k")
-        if trainer.get("k") is not None and k != trainer["k"]:
-            raise DictionaryError(f"{what}: 'k' is {k} but {CONFIG} says trainer.k = {trainer['k']}")
-        config = DictionaryConfig(architecture="topk", k=k, dtype=dtype_name(what, state["b_dec"]), **common)
-        native = {"W_enc": state["encoder.weight"].T, "b_enc": state["encoder.bias"],
-                  "W_dec": state["decoder.weight"].T, "b_dec": state["b_dec"]}
+                  "W_dec": state["decoder.weight"].T, "b_dec": state[bias]}
+        if dict_class == "AutoEncoder":
+            config = DictionaryConfig(architecture="relu", dtype=dtype_name(what, state[bias]), **common)
+        else:
+            k = int(state["k"]) if "k" in state else trainer.get("k")
+            if trainer.get("k") is not None and k != trainer["k"]:
+                raise DictionaryError(f"{what}: 'k' is {k} but {CONFIG} says trainer.k = {trainer['k']}")
+            config = DictionaryConfig(architecture="topk", k=k, dtype=dtype_name(what, state[bias]), **common)
     elif dict_class == "JumpReluAutoEncoder":
         require(what, state, "W_enc", "b_enc", "W_dec", "b_dec", "threshold")
         expect_shape(what, "W_enc", state["W_enc"], (d_in, d_sae))
