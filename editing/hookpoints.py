@@ -12,12 +12,11 @@ same tensor. Layers are found by counting the model's ``ModuleList``, not by a p
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 
-_HOOK_NAME = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_post)$")
+from dictionaries.config import HOOK_NAME as _HOOK_NAME  # one definition of the hook-name grammar
 
 
 class HookPointError(LookupError):
