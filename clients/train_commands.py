@@ -53,7 +53,7 @@ def _train(args) -> int:
         config = TrainConfig(hook=args.hook, specs=tuple(specs), tokens=args.tokens, corpus=args.corpus,
                              context_length=args.context_length, batch_size=args.batch_size,
                              learning_rate=args.lr, seed=args.seed, cache=args.cache,
-                             checkpoint_every=args.checkpoint_every)
+                             checkpoint_every=args.checkpoint_every, dtype=args.dtype)
         name, model = args.name, args.model
     loaded = load_model(model, device=args.device)
     published = train_and_publish(loaded, config, name=name, resume=args.resume, progress=True)
@@ -86,6 +86,8 @@ def add_commands(commands) -> None:
     train.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     train.add_argument("--cache", action="store_true", help="cache activations on disk and reuse them")
     train.add_argument("--device", default="cpu")
+    train.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                       help="matmul precision (auto: bfloat16 on CUDA, float32 on CPU)")
     train.add_argument("--name", help="store name (sweep members get NAME-<label>)")
     train.add_argument("--server", help="run it as a job on this server instead of here")
     train.add_argument("--wait", action="store_true", help="with --server: show progress until the job ends")

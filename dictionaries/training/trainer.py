@@ -9,8 +9,9 @@ consume the same batches. Adam with linear warm-up (and a linear decay over the 
 dead features are those that did not fire in the last ``dead_window`` tokens; ``relu``
 members have them resampled (encoder and decoder re-initialised towards badly
 reconstructed inputs, their Adam state reset) every ``resample_every`` tokens during the
-first half of training; ``topk`` members revive them through the AuxK loss. bfloat16
-autocast is used on CUDA.
+first half of training; ``topk`` members revive them through the AuxK loss. With
+``dtype="bfloat16"`` (the default on CUDA) the matmuls run in bfloat16 (autocast, or the
+fused relu loss's own casts); weights, Adam state and sums stay float32.
 
 A checkpoint (weights, Adam state, dead counters, the resampling RNG and the data position)
 is written every ``checkpoint_every`` tokens as safetensors + JSON, atomically; ``resume``
@@ -60,12 +61,18 @@ class TrainConfig:
     """Data order and resampling."""
     cache: bool = False
     """Cache the activations on disk and reuse them."""
+    dtype: str = "auto"
+    """Matmul precision: "float32", "bfloat16", or "auto" (bfloat16 on CUDA, float32 elsewhere).
+    Weights, Adam state and sums stay float32; bfloat16 on a CPU pays only where the CPU has
+    bfloat16 dot-product instructions (AVX512-BF16, AMX)."""
 
     def __post_init__(self):
         if not self.specs:
             raise ValueError("a training run needs at least one configuration")
         if self.batch_size <= 0 or self.tokens < self.batch_size:
             raise ValueError("tokens must be at least one batch")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
 
 
 @dataclass
@@ -89,6 +96,8 @@ class Trainer:
             hook=config.hook, tokens=config.tokens, corpus=config.corpus, context_length=config.context_length,
             seed=config.seed), cache=config.cache)
         self.d_in = self.source.d_in
+        bfloat16 = config.dtype == "bfloat16" or (config.dtype == "auto" and self.device.type == "cuda")
+        self.matmul_dtype = torch.bfloat16 if bfloat16 else torch.float32
         groups: dict[tuple, list[SaeSpec]] = {}
         for spec in config.specs:
             groups.setdefault(spec.group_key(), []).append(spec)
@@ -131,7 +140,8 @@ class Trainer:
             pending = []
             log_file = (self.run_dir / "log.jsonl").open("a")
 
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else _nullcontext()
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.matmul_dtype == torch.bfloat16 \
+            else _nullcontext()
         checkpoint_every = self.config.checkpoint_every
         tokens_seen = step * self.config.batch_size
         log = []
@@ -181,12 +191,15 @@ class Trainer:
     def _accumulate_gradients(self, ensemble: Ensemble, x: torch.Tensor, dead: torch.Tensor, autocast) -> dict:
         total_variance = (x - x.mean(0)).pow(2).sum()
         size = max(1, self.config.member_tokens // len(ensemble.specs))
+        cast = ensemble.matmul_weights(self.matmul_dtype) if ensemble.architecture == "relu" else None
         totals: dict = {}
         for piece in x.split(size):
             weight = len(piece) / len(x)
-            with autocast:
-                out = ensemble.losses(piece, dead if ensemble.architecture == "topk" else None,
-                                      self.config.aux_coefficient, total_variance)
+            if ensemble.architecture == "relu":  # the fused loss casts its matmuls itself
+                out = ensemble.losses(piece, None, total_variance=total_variance, dtype=self.matmul_dtype, cast=cast)
+            else:
+                with autocast:
+                    out = ensemble.losses(piece, dead, self.config.aux_coefficient, total_variance)
             (out["loss"].sum() * weight + out["aux"].sum()).backward()
             totals["loss"] = totals.get("loss", 0) + out["loss"].detach() * weight + out["aux"].detach()
             for key in ("mse", "l0"):
