@@ -174,7 +174,7 @@ class TrainingJobRequest(_Model):
     name: str = Field(min_length=1, max_length=64)
     model: str = "pythia-tiny"
     hook: str = Field(pattern=r"^blocks\.\d+\.hook_resid_(pre|post)$")
-    architecture: Literal["relu", "topk"] = "topk"
+    architecture: Literal["relu", "topk", "jumprelu"] = "topk"
     d_sae: list[int] = Field(default_factory=lambda: [1024], min_length=1, max_length=8)
     l1: list[float] = Field(default_factory=lambda: [1.0], min_length=1, max_length=8)
     k: list[int] = Field(default_factory=lambda: [32], min_length=1, max_length=8)

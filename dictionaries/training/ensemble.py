@@ -18,6 +18,10 @@ input normalisation):
            (Σ_d (x̂ − x)² + λ · Σ_i f_i) / d_in, unit-norm rows     (l1_mode "unit_norm")
     topk   Σ_d (x̂ − x)² / d_in + α · AuxK, unit-norm rows; AuxK asks the top ``d_in/2``
            dead latents to reconstruct the residual, which revives them
+    jumprelu (Σ_d (x̂ − x)² + λ · Σ_i H(pre_i − θ_i)) / d_in, unit-norm rows, f = pre·H(pre − θ):
+           the L0 penalty and the jump have no gradient of their own, so θ learns through
+           straight-through estimates with a rectangle kernel of width ε ("bandwidth")
+           around the threshold, as in Rajamanoharan et al. 2024 (JumpReLU SAEs)
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-ARCHITECTURES = ("relu", "topk")
+ARCHITECTURES = ("relu", "topk", "jumprelu")
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,7 @@ class SaeSpec:
     architecture: str = "relu"
     d_sae: int = 1024
     l1: float = 0.0
-    """Sparsity coefficient λ (relu)."""
+    """Sparsity coefficient λ: of the L1 penalty (relu) or the L0 penalty (jumprelu)."""
     k: int | None = None
     """Active latents a token (topk)."""
     seed: int = 0
@@ -48,14 +52,21 @@ class SaeSpec:
     decoder_bias: bool = True
     l1_mode: str = "decoder_norm"
     """relu: weight the L1 by decoder-row norms, or keep rows at unit norm."""
+    threshold: float = 0.5
+    """jumprelu: initial threshold θ (inputs are scaled to E‖x‖² = d_in, so pre-activations
+    start with unit scale)."""
+    bandwidth: float = 0.05
+    """jumprelu: width ε of the straight-through kernel."""
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
         if self.architecture == "topk" and (self.k is None or not 1 <= self.k <= self.d_sae):
             raise ValueError(f"topk needs 1 <= k <= d_sae, got k={self.k}")
-        if self.architecture == "relu" and self.l1 < 0:
+        if self.architecture in ("relu", "jumprelu") and self.l1 < 0:
             raise ValueError("l1 must be >= 0")
+        if self.architecture == "jumprelu" and not (self.threshold > 0 and self.bandwidth > 0):
+            raise ValueError("jumprelu needs threshold > 0 and bandwidth > 0")
         if self.l1_mode not in ("decoder_norm", "unit_norm"):
             raise ValueError("l1_mode must be 'decoder_norm' or 'unit_norm'")
         if self.tied and self.architecture != "relu":
@@ -63,15 +74,15 @@ class SaeSpec:
 
     @property
     def unit_norm_decoder(self) -> bool:
-        return self.architecture == "topk" or self.l1_mode == "unit_norm"
+        return self.architecture in ("topk", "jumprelu") or self.l1_mode == "unit_norm"
 
     def group_key(self) -> tuple:
         """Members that can be stacked together."""
-        return (self.architecture, self.d_sae, self.tied, self.decoder_bias, self.l1_mode)
+        return (self.architecture, self.d_sae, self.tied, self.decoder_bias, self.l1_mode, self.bandwidth)
 
     def label(self) -> str:
         parts = [self.architecture, f"f{self.d_sae}"]
-        parts.append(f"k{self.k}" if self.architecture == "topk" else f"l1-{self.l1:g}")
+        parts.append({"topk": f"k{self.k}", "jumprelu": f"l0-{self.l1:g}"}.get(self.architecture, f"l1-{self.l1:g}"))
         return "-".join(parts + ([f"s{self.seed}"] if self.seed else []))
 
 
@@ -83,7 +94,8 @@ def sweep_specs(architecture: str, d_sae: list[int], *, l1: list[float] = (1.0,)
         if architecture == "topk":
             specs += [SaeSpec("topk", size, k=value, seed=seed) for value in k]
         else:
-            specs += [SaeSpec(architecture, size, l1=value, seed=seed, tied=tied, l1_mode=l1_mode) for value in l1]
+            layout = dict(tied=tied, l1_mode=l1_mode) if architecture == "relu" else {}
+            specs += [SaeSpec(architecture, size, l1=value, seed=seed, **layout) for value in l1]
     return specs
 
 
@@ -114,6 +126,9 @@ class Ensemble(nn.Module):
             self.register_buffer("b_dec", torch.zeros(len(specs), d_in))
         self.register_buffer("l1", torch.tensor([s.l1 for s in specs], dtype=torch.float32))  # (N,)
         self.register_buffer("k", torch.tensor([s.k or 0 for s in specs], dtype=torch.long))  # (N,)
+        if self.architecture == "jumprelu":
+            self.threshold = nn.Parameter(torch.tensor([[s.threshold] for s in specs]).expand(-1, self.d_sae).clone())
+            self.bandwidth = first.bandwidth
 
     @property
     def encoder(self) -> torch.Tensor:
@@ -125,6 +140,8 @@ class Ensemble(nn.Module):
         pre = torch.baddbmm(self.b_enc.unsqueeze(1), centred, self.encoder)  # (N, B, F)
         if self.architecture == "relu":
             return pre, torch.relu(pre)
+        if self.architecture == "jumprelu":
+            return pre, JumpRelu.apply(pre, self.threshold, self.bandwidth)
         k_max = int(self.k.max())
         top = torch.relu(pre).topk(k_max, dim=-1)  # (N, B, k_max)
         keep = torch.arange(k_max, device=x.device) < self.k.view(-1, 1, 1)  # member n keeps its first k_n
@@ -161,6 +178,10 @@ class Ensemble(nn.Module):
         if self.architecture == "relu":
             weights = self.W_dec.norm(dim=-1).unsqueeze(1) if not self.unit_norm else 1.0  # (N, 1, F)
             sparsity = self.l1 * (f * weights).sum(-1).mean(-1) / self.d_in  # (N,) a mean over tokens
+            aux = torch.zeros_like(mse)
+        elif self.architecture == "jumprelu":
+            l0 = Step.apply(pre, self.threshold, self.bandwidth).sum(-1).mean(-1)  # (N,)
+            sparsity = self.l1 * l0 / self.d_in
             aux = torch.zeros_like(mse)
         else:
             sparsity = torch.zeros_like(mse)
@@ -202,6 +223,8 @@ class Ensemble(nn.Module):
     def constrain_after_step(self) -> None:
         if self.unit_norm:
             self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp(min=1e-8)
+        if self.architecture == "jumprelu":
+            self.threshold.clamp_(min=1e-3)  # a threshold at or below 0 would let negative pre-activations through
 
     def member_weights(self, n: int) -> dict[str, torch.Tensor]:
         """Member ``n`` in the native key layout."""
@@ -210,7 +233,7 @@ class Ensemble(nn.Module):
             "b_enc": self.b_enc[n].detach().clone(),
             "W_dec": self.W_dec[n].detach().clone(),
             "b_dec": self.b_dec[n].detach().clone(),
-        }
+        } | ({"threshold": self.threshold[n].detach().clone()} if self.architecture == "jumprelu" else {})
 
 
 class ReluLoss(torch.autograd.Function):
@@ -275,3 +298,43 @@ class ReluLoss(torch.autograd.Function):
             grad_w_dec += grad_enc.transpose(1, 2)
             grad_enc = None
         return None, grad_enc, grad_w_dec, grad_b_enc, grad_b_dec, None, None, None, None, None
+
+
+def _kernel(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """Rectangle kernel ``K((pre − θ)/ε) / ε``: 1/ε within ε/2 of the threshold, else 0."""
+    return ((pre - threshold.unsqueeze(1)).abs() < bandwidth / 2).to(pre.dtype) / bandwidth
+
+
+class JumpRelu(torch.autograd.Function):
+    """``f = pre · H(pre − θ)`` over ``pre (N, B, F)`` and ``θ (N, F)``. The gradient to
+    ``pre`` is ``H`` (the jump ignored); to ``θ`` it is the straight-through estimate
+    ``−θ · K((pre − θ)/ε) / ε`` times the incoming gradient, summed over tokens."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth: float):
+        gate = pre > threshold.unsqueeze(1)
+        ctx.save_for_backward(pre, threshold, gate)
+        ctx.bandwidth = bandwidth
+        return pre * gate
+
+    @staticmethod
+    def backward(ctx, grad_f):
+        pre, threshold, gate = ctx.saved_tensors
+        grad_threshold = -(threshold.unsqueeze(1) * _kernel(pre, threshold, ctx.bandwidth) * grad_f).sum(1)
+        return grad_f * gate, grad_threshold, None
+
+
+class Step(torch.autograd.Function):
+    """``H(pre − θ)``, the firing indicator an L0 penalty counts; no gradient to ``pre``, and to
+    ``θ`` the straight-through estimate ``−K((pre − θ)/ε) / ε`` times the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth: float):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold.unsqueeze(1)).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_step):
+        pre, threshold = ctx.saved_tensors
+        return None, -(_kernel(pre, threshold, ctx.bandwidth) * grad_step).sum(1), None

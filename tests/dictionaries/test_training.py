@@ -62,17 +62,18 @@ def _config(specs, **changes):
     return TrainConfig(**{**settings, **changes})
 
 
-@pytest.mark.parametrize("member", [SaeSpec("relu", 96, l1=2.0, seed=3), SaeSpec("topk", 96, k=6, seed=4)])
+@pytest.mark.parametrize("member", [SaeSpec("relu", 96, l1=2.0, seed=3), SaeSpec("topk", 96, k=6, seed=4),
+                                    SaeSpec("jumprelu", 96, l1=0.5, seed=6)])
 def test_a_sweep_member_equals_the_same_run_alone(small_model, tmp_path, member):
     sweep = [SaeSpec("relu", 96, l1=0.5, seed=1), member, SaeSpec("relu", 96, l1=8.0, seed=2),
-             SaeSpec("topk", 96, k=3, seed=5), SaeSpec("relu", 64, l1=1.0)]
+             SaeSpec("topk", 96, k=3, seed=5), SaeSpec("relu", 64, l1=1.0), SaeSpec("jumprelu", 96, l1=2.0, seed=7)]
     together = Trainer(small_model, _config(sweep), tmp_path / "sweep").run()
     alone = Trainer(small_model, _config([member]), tmp_path / "alone").run()
     group = next(e for e in together.ensembles if member in e.specs)
     n = group.specs.index(member)
     for key, value in alone.ensembles[0].member_weights(0).items():
         torch.testing.assert_close(group.member_weights(n)[key], value, atol=2e-4, rtol=1e-3)
-    assert len(together.ensembles) == 3  # relu-96, topk-96, relu-64 stacks
+    assert len(together.ensembles) == 4  # relu-96, topk-96, relu-64, jumprelu-96 stacks
 
 
 RELU_LAYOUTS = [dict(), dict(l1_mode="unit_norm"), dict(tied=True), dict(decoder_bias=False),
@@ -120,6 +121,51 @@ def test_fused_relu_loss_in_bfloat16_stays_close_to_float32():
     for name, grad in grads32.items():
         assert grads16[name].dtype == torch.float32
         assert (grads16[name] - grad).norm() / grad.norm() < 2e-2, name
+
+
+def test_jumprelu_straight_through_gradients_are_finite_differences_of_the_kernel():
+    """With a rectangle kernel, the L0 term's gradient to θ is exactly the central difference
+    of the firing count with step ε; the jump's gradient to θ is −θ times the count near θ over ε."""
+    from dictionaries.training.ensemble import JumpRelu, Step
+
+    generator = torch.Generator().manual_seed(0)
+    pre = torch.randn(2, 500, 8, dtype=torch.float64, generator=generator)  # (N, B, F)
+    threshold = torch.rand(2, 8, dtype=torch.float64, generator=generator).add_(0.2).requires_grad_()
+    eps = 0.1
+    Step.apply(pre, threshold, eps).sum().backward()
+
+    def count(t):
+        return (pre > t.unsqueeze(1)).sum(1).double()
+
+    with torch.no_grad():
+        central = (count(threshold + eps / 2) - count(threshold - eps / 2)) / eps
+    torch.testing.assert_close(threshold.grad, central)
+    assert threshold.grad.lt(0).any()
+
+    threshold.grad = None
+    pre.requires_grad_()
+    weights = torch.randn(2, 500, 8, dtype=torch.float64, generator=generator)
+    f = JumpRelu.apply(pre, threshold, eps)
+    assert torch.equal(f, torch.where(pre > threshold.unsqueeze(1), pre, 0.0))
+    (f * weights).sum().backward()
+    with torch.no_grad():
+        near = ((pre - threshold.unsqueeze(1)).abs() < eps / 2).double()
+        torch.testing.assert_close(pre.grad, weights * (pre > threshold.unsqueeze(1)))
+        torch.testing.assert_close(threshold.grad, -(threshold.unsqueeze(1) * near * weights).sum(1) / eps)
+
+
+def test_jumprelu_training_trades_l0_for_reconstruction(small_model, tmp_path):
+    """A larger L0 coefficient raises the thresholds and lowers l0; the store serves the result."""
+    specs = [SaeSpec("jumprelu", 128, l1=l1) for l1 in (0.01, 1.0)]
+    store = DictionaryStore(tmp_path / "store")
+    published = train_and_publish(small_model, _config(specs, tokens=24576, learning_rate=1e-2), name="jr", store=store,
+                                  run_dir=tmp_path / "run", progress=False, heldout_windows_count=16, feature_windows=8)
+    weak, strong = (entry["metrics"] for entry in published)
+    assert strong["l0"] < weak["l0"] and strong["fvu"] > weak["fvu"]
+    assert 0 < weak["fvu"] < 1 and 0 < strong["l0"] < 128
+    dictionary = store.load(published[1]["name"])
+    assert dictionary.config.architecture == "jumprelu"
+    assert float(dictionary.threshold.mean()) > 0.5  # the L0 penalty pushed the thresholds up from their start
 
 
 def test_resume_equals_uninterrupted(small_model, tmp_path):
