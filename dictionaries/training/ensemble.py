@@ -136,8 +136,12 @@ class Ensemble(nn.Module):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x (B, d)`` → ``(pre, f)``, each ``(N, B, F)``."""
-        centred = x.unsqueeze(0) - self.b_dec.unsqueeze(1)  # (N, B, d)
-        pre = torch.baddbmm(self.b_enc.unsqueeze(1), centred, self.encoder)  # (N, B, F)
+        # b_dec's gradient through the encoder is −Σ_b ∂pre_b · W_encᵀ; taking it from a zero
+        # valued (b_dec − b_dec.detach()) · W_enc term instead of from the centred input spares
+        # autograd a (N, B, F) × (N, F, d) matmul for ∂centred. Values are unchanged (+0).
+        centred = x.unsqueeze(0) - self.b_dec.detach().unsqueeze(1)  # (N, B, d), no gradient
+        bias = self.b_enc.unsqueeze(1) - torch.bmm((self.b_dec - self.b_dec.detach()).unsqueeze(1), self.encoder)
+        pre = torch.baddbmm(bias, centred, self.encoder)  # (N, B, F)
         if self.architecture == "relu":
             return pre, torch.relu(pre)
         if self.architecture == "jumprelu":

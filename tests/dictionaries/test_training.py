@@ -1,5 +1,6 @@
 """The trainer: activation stream, cache, sweeps, resume, dead features, publishing."""
 
+import dataclasses
 import json
 
 import pytest
@@ -121,6 +122,31 @@ def test_fused_relu_loss_in_bfloat16_stays_close_to_float32():
     for name, grad in grads32.items():
         assert grads16[name].dtype == torch.float32
         assert (grads16[name] - grad).norm() / grad.norm() < 2e-2, name
+
+
+@pytest.mark.parametrize("spec", [SaeSpec("topk", 64, k=5), SaeSpec("jumprelu", 64, l1=1.0), SaeSpec("relu", 64, l1=1.0, tied=True)],
+                         ids=lambda spec: spec.label())
+def test_encode_gives_the_gradients_of_the_plain_formula(spec):
+    """Ensemble.encode takes b_dec's gradient from a zero-valued term; values and gradients
+    equal those of ``(x − b_dec) · W_enc + b_enc`` written out."""
+    ensemble = Ensemble([spec, dataclasses.replace(spec, seed=1)], d_in=16,
+                        b_dec_init=torch.randn(16, generator=torch.Generator().manual_seed(1))).double()
+    x = torch.randn(50, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    weights = torch.randn(2, 50, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    grads = []
+    for plain in (False, True):
+        ensemble.zero_grad()
+        if plain:
+            pre = (x.unsqueeze(0) - ensemble.b_dec.unsqueeze(1)) @ ensemble.encoder + ensemble.b_enc.unsqueeze(1)
+        else:
+            pre, _ = ensemble.encode(x)
+        (pre * weights).sum().backward()
+        grads.append((pre.detach(), {name: p.grad.clone() for name, p in ensemble.named_parameters() if p.grad is not None}))
+    (pre, got), (pre_plain, want) = grads
+    torch.testing.assert_close(pre, pre_plain, rtol=1e-12, atol=1e-12)
+    assert set(got) == set(want) and "b_dec" in got
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-12, atol=1e-12, msg=name)
 
 
 def test_jumprelu_straight_through_gradients_are_finite_differences_of_the_kernel():
