@@ -34,7 +34,7 @@ def _train(args) -> int:
                     "d_sae": _ints(args.d_sae), "l1": _floats(args.l1 or "1"), "k": _ints(args.k or "32"),
                     "seeds": _ints(args.seeds), "tokens": args.tokens, "batch_size": args.batch_size,
                     "learning_rate": args.lr, "context_length": args.context_length, "seed": args.seed,
-                    "deploy": args.deploy}
+                    "dtype": args.dtype, "deploy": args.deploy}
         return _remote(args, "trainings", lambda client: client.train(**settings))
     from dictionaries.training.ensemble import sweep_specs
     from dictionaries.training.pipeline import DEFAULT_NAME, default_config, train_and_publish

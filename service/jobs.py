@@ -156,7 +156,8 @@ def run_training(job_id: str, request: dict) -> dict:
                         seeds=request["seeds"])
     config = TrainConfig(hook=request["hook"], specs=tuple(specs), tokens=request["tokens"],
                          batch_size=request["batch_size"], learning_rate=request["learning_rate"],
-                         context_length=request["context_length"], seed=request["seed"])
+                         context_length=request["context_length"], seed=request["seed"],
+                         dtype=request.get("dtype", "auto"))
     loaded = load_model(request["model"], progress=False)
 
     def progress(fraction: float, record: dict) -> None:

@@ -184,6 +184,8 @@ class TrainingJobRequest(_Model):
     learning_rate: float = Field(default=2e-3, gt=0, le=1)
     context_length: int = Field(default=128, ge=8, le=2048)
     seed: int = Field(default=0, ge=0)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Matmul precision; auto is bfloat16 on CUDA, float32 on CPU."""
     deploy: bool = False
 
     @field_validator("d_sae")

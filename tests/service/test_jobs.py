@@ -56,6 +56,9 @@ def test_bad_job_requests(server):
     assert hook.status_code == 400 and hook.json()["error"]["param"] == "hook"
     name = requests.post(server + "/v1/trainings", json={"name": "../x", "hook": "blocks.1.hook_resid_post"}, timeout=30)
     assert name.status_code == 400 and name.json()["error"]["param"] == "name"
+    dtype = requests.post(server + "/v1/trainings", json={"name": "x2", "hook": "blocks.1.hook_resid_post",
+                                                          "dtype": "float16"}, timeout=30)
+    assert dtype.status_code == 400 and dtype.json()["error"]["param"] == "dtype"
 
 
 def test_a_training_job_deploys_its_dictionary(server):
