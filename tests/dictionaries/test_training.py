@@ -194,6 +194,21 @@ def test_jumprelu_training_trades_l0_for_reconstruction(small_model, tmp_path):
     assert float(dictionary.threshold.mean()) > 0.5  # the L0 penalty pushed the thresholds up from their start
 
 
+def test_bfloat16_runs_follow_float32_runs(small_model, tmp_path):
+    """dtype="bfloat16" (autocast for topk/jumprelu, the fused loss's casts for relu) trains the
+    same dictionaries as float32 up to bfloat16 rounding."""
+    specs = [SaeSpec("relu", 64, l1=1.0), SaeSpec("topk", 64, k=4), SaeSpec("jumprelu", 64, l1=0.5)]
+    runs = {dtype: Trainer(small_model, _config(specs, dtype=dtype), tmp_path / dtype).run()
+            for dtype in ("float32", "bfloat16")}
+    with pytest.raises(ValueError, match="dtype"):
+        _config(specs, dtype="float16")
+    for a, b in zip(runs["float32"].ensembles, runs["bfloat16"].ensembles):
+        assert b.W_dec.dtype == torch.float32
+        assert (a.W_dec - b.W_dec).norm() / a.W_dec.norm() < 0.05, a.architecture
+    for a, b in zip(runs["float32"].log[-1]["members"], runs["bfloat16"].log[-1]["members"]):
+        assert abs(a["fvu"] - b["fvu"]) < 0.05 * a["fvu"]
+
+
 def test_resume_equals_uninterrupted(small_model, tmp_path):
     specs = [SaeSpec("relu", 64, l1=1.0), SaeSpec("relu", 64, l1=4.0, seed=1), SaeSpec("topk", 64, k=4)]
     config = _config(specs, checkpoint_every=1536)
