@@ -94,8 +94,8 @@ def sweep_specs(architecture: str, d_sae: list[int], *, l1: list[float] = (1.0,)
         if architecture == "topk":
             specs += [SaeSpec("topk", size, k=value, seed=seed) for value in k]
         else:
-            layout = dict(tied=tied, l1_mode=l1_mode) if architecture == "relu" else {}
-            specs += [SaeSpec(architecture, size, l1=value, seed=seed, **layout) for value in l1]
+            layout = dict(l1_mode=l1_mode) if architecture == "relu" else {}  # tied: SaeSpec refuses it for jumprelu
+            specs += [SaeSpec(architecture, size, l1=value, seed=seed, tied=tied, **layout) for value in l1]
     return specs
 
 
