@@ -168,9 +168,10 @@ class Ensemble(nn.Module):
         if total_variance is None:
             total_variance = (x - x.mean(0)).pow(2).sum()
         if self.architecture == "relu" and not reference:
+            dtype = dtype or x.dtype
             loss, squared, active, totals = ReluLoss.apply(
                 x, None if self.tied else self.W_enc, self.W_dec, self.b_enc, self.b_dec, self.l1,
-                not self.unit_norm, dtype or x.dtype, *(cast or (None, None)))
+                not self.unit_norm, dtype, *(cast or self.matmul_weights(dtype)))
             mse = squared / (len(x) * self.d_in)
             return {"loss": loss, "aux": torch.zeros_like(loss), "mse": mse, "fvu": squared / total_variance,
                     "l0": active / len(x), "fired": totals > 0}
@@ -250,18 +251,15 @@ class ReluLoss(torch.autograd.Function):
     as the bias of the ``grad_f`` matmul, and the ReLU mask is applied once — so on a CPU,
     where a sweep of small dictionaries is bound by memory traffic, a step costs a fraction
     of autograd's. Returns ``(loss (N,), squared error (N,), active count (N,), Σ_b f (N, F))``;
-    only ``loss`` has a gradient. Matmuls run in ``dtype`` (``enc``/``dec``: the weights already
-    cast to it); sums are float32.
+    only ``loss`` has a gradient. Matmuls run in ``dtype`` (``enc``/``dec``: the weights cast to it
+    by :meth:`Ensemble.matmul_weights`, once a step); sums are float32.
     """
 
     @staticmethod
-    def forward(ctx, x, w_enc, w_dec, b_enc, b_dec, l1, weighted: bool, dtype: torch.dtype,
-                enc=None, dec=None):
+    def forward(ctx, x, w_enc, w_dec, b_enc, b_dec, l1, weighted: bool, dtype: torch.dtype, enc, dec):
         n, (b, d) = w_dec.shape[0], x.shape
         tied, acc = w_enc is None, torch.promote_types(dtype, torch.float32)  # sums in float32 or wider
-        encoder = w_dec.transpose(1, 2) if tied else w_enc  # (N, d, F)
-        enc = encoder.to(dtype) if enc is None else enc  # the caller may have cast them already
-        dec = w_dec.to(dtype) if dec is None else dec
+        encoder = w_dec.transpose(1, 2) if tied else w_enc  # (N, d, F); enc, dec: it and w_dec in dtype
         centred = (x.unsqueeze(0) - b_dec.unsqueeze(1)).to(dtype)  # (N, B, d)
         f = torch.baddbmm(b_enc.unsqueeze(1).to(dtype), centred, enc).clamp_min_(0)  # (N, B, F)
         error = torch.baddbmm(b_dec.unsqueeze(1).to(dtype), f, dec).to(acc).sub_(x)  # x̂ − x, (N, B, d)
