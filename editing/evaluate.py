@@ -22,6 +22,8 @@ is ablated, at the positions where it fires.
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 import time
 from typing import Callable
@@ -29,7 +31,7 @@ from typing import Callable
 import torch
 
 from editing.corpora import open_corpus, token_windows
-from editing.edit_plan import PROMPT, DictionaryHook, StepContext
+from editing.engine.edit_tables import static_tables
 from editing.edits import EditError, EditSpec, validate_edits
 from editing.lens import logit_lens, logits_from_hook
 from editing.nethook import Trace
@@ -158,24 +160,11 @@ def evaluate(loaded, dictionaries: dict, dictionary: str, *, edits: list[EditSpe
 
 def _edited_logits(model, dictionaries: dict, edits: list[EditSpec], ids: torch.Tensor) -> torch.Tensor:
     """A full forward with the engine's edit hooks on every row (every position counts as prompt)."""
-    rows = len(ids)
-    names = sorted({edit.dictionary for edit in edits}, key=lambda n: dictionaries[n].config.layer)
-    context = StepContext(kinds=torch.full(ids.shape, PROMPT, dtype=torch.int8, device=ids.device), new_from=0,
-                          phase=PROMPT)
-    hooks = []
-    for name in names:
-        mine = [edit for edit in edits if edit.dictionary == name]
-        plan = DictionaryHook(name, dictionaries[name], {row: mine for row in range(rows)}, {}, ids.device)
-        plan.context = context
-        hooks.append(plan)
-    traces = [Trace(model, plan.dictionary.config.hook, retain_output=False, edit_output=plan) for plan in hooks]
-    try:
-        for trace in traces:
-            trace.__enter__()
+    tables = static_tables(dictionaries, edits, len(ids), ids.device)
+    with contextlib.ExitStack() as stack:
+        for table in tables:
+            stack.enter_context(Trace(model, table.dictionary.config.hook, retain_output=False, edit_output=table))
         return model(input_ids=ids).logits
-    finally:
-        for trace in reversed(traces):
-            trace.close()
 
 
 @torch.no_grad()

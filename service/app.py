@@ -51,11 +51,17 @@ def build_app(args: dict | AppArgs):
     for model in args.models:
         config = ModelConfig(name=model.name, dictionaries=tuple(model.dictionaries), device=model.device,
                              dtype=model.dtype, torch_threads=model.torch_threads or max(1, int(model.num_cpus)))
+        env = environment_for_workers()
+        if model.device == "cpu":
+            # torch's OpenMP threads spin while they wait; beside Ray's proxy and ingress on the same
+            # cores that makes a step many times slower. Passive waiting costs little when alone.
+            env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         deployment = ModelDeployment.options(
             name=f"model-{_safe(model.name)}", num_replicas=model.replicas,
-            max_ongoing_requests=max(64, 4 * limits.max_batch_size),
-            ray_actor_options={"num_cpus": model.num_cpus, "num_gpus": model.num_gpus,
-                               "runtime_env": {"env_vars": environment_for_workers()}},
+            # every running and queued request is one ongoing call, plus room for descriptions and
+            # inspect; the scheduler, not Serve, decides what waits (and answers 503 past its queue)
+            max_ongoing_requests=limits.max_running_rows + limits.max_queued_requests + 32,
+            ray_actor_options={"num_cpus": model.num_cpus, "num_gpus": model.num_gpus, "runtime_env": {"env_vars": env}},
         )
         handles[model.name] = deployment.bind(config.__dict__, limits.__dict__, registry_name)
     ingress = Ingress.options(ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": environment_for_workers()}})

@@ -9,7 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from service.metrics import ingress_registry
+from service.metrics import IngressMetrics
 from service.protocol import (
     ApiError,
     CompletionRequest,
@@ -46,7 +46,7 @@ def _openapi(served: FastAPI) -> dict:
 
 
 app.openapi = types.MethodType(_openapi, app)  # bound: the app that serves, wherever it was unpickled
-METRICS = ingress_registry()  # this process's (the ingress replica's) counters
+METRICS = IngressMetrics()  # this process's (the ingress replica's) counters
 
 
 def counted(method: str, endpoint: str):
@@ -65,8 +65,8 @@ def counted(method: str, endpoint: str):
                 status = 500
                 raise
             finally:
-                METRICS.inc("steerserve_requests_total", endpoint=endpoint, method=method, status=status)
-                METRICS.observe("steerserve_request_seconds", time.perf_counter() - started, endpoint=endpoint)
+                METRICS.requests.labels(endpoint=endpoint, method=method, status=str(status)).inc()
+                METRICS.latency.labels(endpoint=endpoint).observe(time.perf_counter() - started)
         return inner
     return wrap
 
@@ -91,6 +91,5 @@ async def _server_error(request: Request, err: Exception) -> JSONResponse:
 
 def _unwrap(result: dict):
     if "error" in result:
-        raise ApiError(result["status"], result["error"]["error"]["message"], type=result["error"]["error"]["type"],
-                       param=result["error"]["error"]["param"])
+        raise ApiError.from_data(result)
     return result["ok"]

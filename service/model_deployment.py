@@ -1,6 +1,14 @@
-"""The model deployment: loads one model and its dictionaries once a replica, gathers concurrent
-requests with ``@serve.batch`` into engine batches that run off the event loop, streams text
-deltas while a batch runs, and follows the hot-deployment registry between batches."""
+"""The model deployment: one model and its dictionaries a replica, served by a continuous-batching
+scheduler that runs in a thread of its own (:class:`~service.model_server.ModelServer`).
+
+Each request is checked, queued with the scheduler and awaited on its own: a plain request
+waits for its result, a streamed one receives what every step produced for it, several
+steps' worth in one message when the consumer fell behind. When the caller goes away (the
+HTTP client disconnects, so Serve cancels this call) the request is cancelled inside the
+scheduler and its row leaves the batch at the next step. The replica follows the
+hot-deployment registry from a background thread and sends its metrics with every
+heartbeat.
+"""
 
 import asyncio
 import threading
@@ -9,27 +17,32 @@ import uuid
 
 from ray import serve
 
-from service.metrics import model_registry
+from service.metrics import ReplicaMetrics
 from service.model_server import DeltaStreamer, Limits, ModelConfig, ModelServer
 from service.protocol import ApiError, GenerateRequest, InspectRequest
 
+HEALTHY_WITHIN_S = 60.0  # a scheduler step (bounded by the prefill budget) never takes this long
 
-@serve.deployment(max_ongoing_requests=64)
+
+@serve.deployment(max_ongoing_requests=256)
 class ModelDeployment:
     def __init__(self, config: dict, limits: dict, registry_name: str | None = None):
-        self.server = ModelServer(ModelConfig(**config), Limits(**limits))
-        self.metrics = model_registry()
+        config = ModelConfig(**config)
+        self.replica = uuid.uuid4().hex[:12]
+        self.metrics = ReplicaMetrics(config.name)
+        self.server = ModelServer(config, Limits(**limits), observer=self.metrics)
         self.registry_name = registry_name
         if registry_name:
             threading.Thread(target=self._follow_registry, daemon=True, name="steerserve-registry").start()
 
     def _follow_registry(self) -> None:
-        """Keep this replica's dictionaries equal to the registry's desired set (hot deployment)."""
+        """Keep this replica's dictionaries equal to the registry's desired set (hot deployment),
+        and report this replica's metrics with every heartbeat."""
         import ray
 
         from service.registry import HEARTBEAT_S, registry
 
-        replica, model = uuid.uuid4().hex, self.server.config.name
+        model = self.server.config.name
         actor = registry(self.registry_name)
         state = ray.get(actor.initialise.remote(model, sorted(self.server.engine.dictionaries)))
         applied, errors = 0, {}
@@ -38,7 +51,7 @@ class ModelDeployment:
                 if state["version"] != applied:
                     errors = self.server.sync(state["names"])
                     applied = state["version"]
-                actor.ack.remote(model, replica, applied, errors)
+                actor.ack.remote(model, self.replica, applied, errors, self.metrics.text())
                 time.sleep(HEARTBEAT_S)
                 state = ray.get(actor.state.remote(model))
             except Exception:  # the registry restarting must not kill the replica
@@ -51,78 +64,84 @@ class ModelDeployment:
         except Exception as err:
             return {"errors": [str(err)], "warnings": []}
         return {"errors": report.errors, "warnings": report.warnings}
-        self._batched.set_max_batch_size(self.server.limits.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(self.server.limits.batch_wait_timeout_s)
 
     async def _call(self, fn, *args) -> dict:
         """Run ``fn``; an :class:`ApiError` comes back as data (exceptions do not cross handles well)."""
         try:
             return {"ok": await fn(*args)}
         except ApiError as err:
-            return {"error": err.body(), "status": err.status}
+            return err.as_data()
+
+    def _submit(self, request: GenerateRequest, events: asyncio.Queue, stream: bool):
+        """Check and queue ``request``; its end (and, streamed, every step's update) arrive on ``events``."""
+        loop = asyncio.get_running_loop()
+
+        def put(kind):
+            return lambda payload: loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
+        return self.server.submit(self.server.check(request), on_update=put("update") if stream else None,
+                                  on_done=put("done"))
 
     async def generate(self, request: GenerateRequest, text_pieces: bool = False) -> dict:
         async def work():
-            engine_request = self.server.check(request)
-            result = await self._batched(engine_request)
-            if isinstance(result, ApiError):
-                raise result
-            return self.server.response(result, text_pieces=text_pieces)
+            events: asyncio.Queue = asyncio.Queue()
+            handle = self._submit(request, events, stream=False)
+            try:
+                await events.get()
+            finally:
+                if not handle.done:  # cancelled: the caller went away
+                    self.server.cancel(handle)
+            if handle.error is not None:
+                raise self.server.request_error(handle.error)
+            return self.server.response(handle.result, text_pieces=text_pieces)
         return await self._call(work)
 
     async def generate_stream(self, request: GenerateRequest):
-        """Yield ``{"delta": text}`` while the request's batch runs, then ``{"final": response, "delta": rest}``;
-        or one ``{"error": ...}``. The deltas concatenate to the final text."""
+        """Yield ``{"delta", "baseline_delta"}`` while the request runs (one message for what one or
+        more steps produced), then ``{"final": response, "delta", "baseline_delta"}``; or one
+        ``{"error": ...}``. The deltas concatenate to the final texts."""
+        events: asyncio.Queue = asyncio.Queue()
         try:
-            engine_request = self.server.check(request)
+            handle = self._submit(request, events, stream=True)
         except ApiError as err:
-            yield {"error": err.body(), "status": err.status}
+            yield err.as_data()
             return
-        item = _Streamed(engine_request, list(request.stop))
-        task = asyncio.ensure_future(self._batched(item))
-        sent = ""
-        while not task.done() or not item.queue.empty():
-            getter = asyncio.ensure_future(item.queue.get())
-            done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-            if getter in done:
-                sent += getter.result()
-                yield {"delta": getter.result()}
-            else:
-                getter.cancel()
-        if isinstance(task.result(), ApiError):
-            yield {"error": task.result().body(), "status": task.result().status}
-            return
-        response = self.server.response(task.result())
-        yield {"final": response, "delta": response["text"][len(sent):]}
+        tokenizer = self.server.loaded.tokenizer
+        streams = {False: (DeltaStreamer(tokenizer, list(request.stop)), []),
+                   True: (DeltaStreamer(tokenizer, list(request.stop)), [])}
+        sent = {False: "", True: ""}
+        try:
+            while True:
+                items = [await events.get()]
+                while not events.empty():
+                    items.append(events.get_nowait())
+                deltas = {False: "", True: ""}
+                finished = None
+                for kind, payload in items:
+                    if kind == "done":
+                        finished = payload
+                        continue
+                    for update in payload:
+                        streamer, tokens = streams[update.baseline]
+                        tokens.extend(update.tokens)
+                        deltas[update.baseline] += streamer.update(tokens, update.finish_reason, update.text)
+                if finished is not None:  # the rest of both texts, whatever this round's deltas were
+                    if finished.error is not None:
+                        yield self.server.request_error(finished.error).as_data()
+                        return
+                    response = self.server.response(finished.result)
+                    baseline_text = (response["baseline"] or {}).get("text", "")
+                    yield {"final": response, "delta": response["text"][len(sent[False]):],
+                           "baseline_delta": baseline_text[len(sent[True]):]}
+                    return
+                if deltas[False] or deltas[True]:
+                    sent[False], sent[True] = sent[False] + deltas[False], sent[True] + deltas[True]
+                    yield {"delta": deltas[False], "baseline_delta": deltas[True]}
+        finally:
+            if not handle.done:  # the consumer went away (client disconnected): free the row
+                self.server.cancel(handle)
 
     async def metrics_text(self) -> str:
-        return self.metrics.render()
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _batched(self, items: list) -> list:
-        self.metrics.observe("steerserve_batch_size", len(items), model=self.server.config.name)
-        self.metrics.inc("steerserve_batches_total", model=self.server.config.name)
-        requests = [item.request if isinstance(item, _Streamed) else item for item in items]
-        streamed = {i: item for i, item in enumerate(items) if isinstance(item, _Streamed)}
-        if not streamed:
-            return await asyncio.to_thread(self.server.generate_batch, requests)
-        loop = asyncio.get_running_loop()
-        for item in streamed.values():
-            item.streamer = DeltaStreamer(self.server.loaded.tokenizer, item.stops)
-
-        def on_step(progress: dict) -> None:  # in the engine's thread, after every step; index -> state
-            for i, item in streamed.items():
-                if i not in progress:
-                    continue
-                tokens, finish_reason, stopped_text = progress[i]
-                if item.finished:
-                    continue
-                delta = item.streamer.update(tokens, finish_reason, stopped_text)
-                if delta:
-                    loop.call_soon_threadsafe(item.queue.put_nowait, delta)
-                item.finished = finish_reason is not None
-
-        return await asyncio.to_thread(self.server.generate_batch, requests, on_step)
+        return self.metrics.text()
 
     async def inspect(self, request: InspectRequest) -> dict:
         return await self._call(lambda: asyncio.to_thread(self.server.inspect, request))
@@ -140,16 +159,6 @@ class ModelDeployment:
         return await self._call(lambda: asyncio.to_thread(self.server.feature, name, index))
 
     def check_health(self) -> None:
-        if not self.server.lock.acquire(timeout=300):  # a wedged forward makes the replica unhealthy
-            raise RuntimeError("the model has been busy for 5 minutes")
-        self.server.lock.release()
-
-
-class _Streamed:
-    """A request whose text deltas go to ``queue`` while its batch runs."""
-
-    def __init__(self, request, stops: list[str]):
-        self.request, self.stops = request, stops
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.streamer: DeltaStreamer | None = None
-        self.finished = False
+        """Liveness without waiting for the model: the engine's thread is between steps often."""
+        if not self.server.loop.alive(HEALTHY_WITHIN_S):
+            raise RuntimeError(f"the engine loop has not completed a step in {HEALTHY_WITHIN_S:.0f} s")

@@ -1,22 +1,24 @@
 """One served model and its dictionaries, as plain Python: what the model deployment runs.
 
 Kept free of Ray so the same object serves the Ray deployment, the in-process benchmark and
-the tests. It checks each request against the model and its loaded dictionaries (before
-batching, so one bad request never fails a batch), runs batches through the engine under a
-lock (hooks are per model, so one forward at a time), and builds the wire responses.
+the tests. It checks each request against the model and its loaded dictionaries (before it
+is queued, so one bad request never reaches the batch), hands it to the engine's scheduler,
+which runs in a thread of its own (:class:`~editing.engine.loop.EngineLoop`: continuous
+batching), runs other model work (inspect, loading dictionaries) between two scheduler
+steps, and builds the wire responses.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import threading
 import uuid
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
 from editing.edits import EditError
+from editing.engine.scheduler import QueueFullError, SchedulerLimits
 from service.protocol import ApiError, GenerateRequest, InspectRequest
 
 STOP_FINISH = {"stop": "stop", "length": "length"}
@@ -31,8 +33,19 @@ class Limits:
     max_body_bytes: int = 65_536
     max_upload_bytes: int = 1 << 30
     """Cap on a dictionary upload (PUT /v1/dictionaries/{name})."""
-    max_batch_size: int = 16
-    batch_wait_timeout_s: float = 0.005
+    max_running_rows: int = 32
+    """Rows a replica's scheduler runs at once (a request's baseline is a row)."""
+    max_queued_requests: int = 128
+    """Requests a replica queues for admission; past it, 503 with Retry-After."""
+    max_tokens_in_flight: int = 65_536
+    """Σ prompt + max_new_tokens over a replica's running rows (bounds key/value memory)."""
+    prefill_chunk_tokens: int = 256
+    """Prompt positions one prefill forward reads (longer prompts are read in chunks)."""
+
+    def scheduler_limits(self) -> SchedulerLimits:
+        return SchedulerLimits(max_running_rows=self.max_running_rows, max_queued_requests=self.max_queued_requests,
+                               max_tokens_in_flight=self.max_tokens_in_flight,
+                               prefill_chunk_tokens=self.prefill_chunk_tokens)
 
 
 @dataclass(frozen=True)
@@ -49,9 +62,10 @@ class ModelConfig:
 
 
 class ModelServer:
-    def __init__(self, config: ModelConfig, limits: Limits = Limits()):
+    def __init__(self, config: ModelConfig, limits: Limits = Limits(), observer=None):
         from dictionaries.store import DictionaryStore
         from editing.engine import Engine
+        from editing.engine.loop import EngineLoop
         from editing.model import load_model
 
         if config.torch_threads:
@@ -61,10 +75,14 @@ class ModelServer:
         self.store = DictionaryStore()
         self.engine = Engine(self.loaded.model, self.loaded.tokenizer)
         self.warnings: dict[str, list[str]] = {}
-        self.lock = threading.Lock()
         self._features: dict[str, dict] = {}
         for name in config.dictionaries:
-            self.load_dictionary(name)
+            self._install(name, self.store.load(name, device=config.device), self._checked(name))
+        self.loop = EngineLoop(self.engine.scheduler(limits.scheduler_limits(), observer))
+
+    def between_steps(self, fn):
+        """Run ``fn()`` in the engine's thread between two scheduler steps; wait for its result."""
+        return self.loop.call(fn).result()
 
     # --- dictionaries (hot deployment) -------------------------------------------------------------
 
@@ -75,21 +93,29 @@ class ModelServer:
         return check_compatibility(self.store.config(name), model_name=info.name, model_sha256=info.sha256,
                                    n_layers=info.n_layers, d_model=info.d_model)
 
-    def load_dictionary(self, name: str) -> None:
-        """Load (or reload) ``name`` from the store; in use from the next batch on."""
+    def _checked(self, name: str) -> list[str]:
         report = self.compatibility(name)
         report.raise_for_errors(f"dictionary {name!r}")
+        return report.warnings
+
+    def _install(self, name: str, dictionary, warnings: list[str]) -> None:
+        self.engine.add_dictionary(name, dictionary)
+        self.warnings[name] = warnings
+        self._features.pop(name, None)
+
+    def load_dictionary(self, name: str) -> None:
+        """Load (or reload) ``name`` from the store; requests admitted from the next step on use
+        it (rows already running keep the weights they started with)."""
+        warnings = self._checked(name)
         dictionary = self.store.load(name, device=self.config.device)
-        with self.lock:  # between batches
-            self.engine.add_dictionary(name, dictionary)
-            self.warnings[name] = report.warnings
-            self._features.pop(name, None)
+        self.between_steps(lambda: self._install(name, dictionary, warnings))
 
     def drop_dictionary(self, name: str) -> None:
-        with self.lock:
+        def drop():
             self.engine.remove_dictionary(name)
             self.warnings.pop(name, None)
             self._features.pop(name, None)
+        self.between_steps(drop)
 
     def sync(self, names: list[str]) -> dict:
         """Load and drop dictionaries until exactly ``names`` are served; return errors by name."""
@@ -127,25 +153,37 @@ class ModelServer:
 
     # --- work ------------------------------------------------------------------------------------
 
-    def generate_batch(self, requests: list, on_step=None) -> list:
-        """Results a request, in order; a request that no longer fits (its dictionary was undeployed
-        while it waited) gets an :class:`ApiError` in its place and the others still run."""
-        with self.lock, torch.inference_mode():
-            runnable, results = [], [None] * len(requests)
-            for index, request in enumerate(requests):
-                try:
-                    self.engine.validate(request)
-                    runnable.append(index)
-                except EditError as err:
-                    results[index] = ApiError(400, str(err).replace("requests[0].", ""),
-                                              param=(err.param or "").replace("requests[0].", "") or None)
-            if runnable:
-                step = None
-                if on_step is not None:
-                    step = lambda progress: on_step(dict(zip(runnable, progress)))  # noqa: E731
-                for index, result in zip(runnable, self.engine.generate([requests[i] for i in runnable], on_step=step)):
-                    results[index] = result
-            return results
+    def submit(self, engine_request, *, on_update=None, on_done=None):
+        """Queue a checked request; a full queue is a 503 with ``Retry-After``."""
+        try:
+            return self.loop.submit(engine_request, on_update=on_update, on_done=on_done)
+        except QueueFullError as err:
+            raise ApiError(503, f"the server is busy: {err}", type="overloaded_error",
+                           headers={"Retry-After": str(err.retry_after)}) from None
+        except EditError as err:
+            raise self.request_error(err) from None
+
+    def cancel(self, handle) -> None:
+        self.loop.cancel(handle)
+
+    @staticmethod
+    def request_error(err: Exception) -> ApiError:
+        """The envelope for a request's failure: the caller's mistake (400) or ours (500)."""
+        if isinstance(err, EditError):
+            return ApiError(400, str(err).replace("requests[0].", "").replace("requests[0]", "request"),
+                            param=(err.param or "").replace("requests[0].", "") or None)
+        return ApiError(500, f"internal error ({type(err).__name__}); the request was not completed", type="server_error")
+
+    def generate(self, engine_request):
+        """Run one request to the end in this thread (tests and tools; a server awaits ``submit``)."""
+        import threading
+
+        finished = threading.Event()
+        handle = self.submit(engine_request, on_done=lambda _: finished.set())
+        finished.wait()
+        if handle.error is not None:
+            raise self.request_error(handle.error)
+        return handle.result
 
     def response(self, result, *, text_pieces: bool = False) -> dict:
         """The wire response; ``text_pieces`` adds one text delta a token (completions' logprobs)."""
@@ -178,8 +216,7 @@ class ModelServer:
 
     def inspect(self, request: InspectRequest) -> dict:
         try:
-            with self.lock, torch.inference_mode():
-                tokens = self.engine.inspect(request.text, request.dictionary, request.top_k)
+            tokens = self.between_steps(lambda: self.engine.inspect(request.text, request.dictionary, request.top_k))
         except EditError as err:
             raise ApiError(404 if "unknown dictionary" in str(err) else 400, str(err), param=err.param) from None
         return {"model": self.config.name, "dictionary": request.dictionary, "tokens": tokens}
@@ -285,5 +322,5 @@ class DeltaStreamer:
 def environment_for_workers() -> dict:
     """Variables a Ray worker must share with the process that started the app."""
     keys = ("STEERSERVE_HOME", "STEERSERVE_API_KEYS", "STEERSERVE_API_KEYS_FILE", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY",
-            "TOKENIZERS_PARALLELISM", "HF_HOME")
+            "TOKENIZERS_PARALLELISM", "HF_HOME", "OMP_WAIT_POLICY")
     return {key: os.environ[key] for key in keys if key in os.environ}

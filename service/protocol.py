@@ -31,6 +31,16 @@ class ApiError(Exception):
     def body(self) -> dict:
         return error_body(self.type, self.message, self.param)
 
+    def as_data(self) -> dict:
+        """The error as plain data, to cross a Ray handle (see :meth:`from_data`)."""
+        return {"error": self.body(), "status": self.status, "headers": self.headers}
+
+    @classmethod
+    def from_data(cls, data: dict) -> "ApiError":
+        error = data["error"]["error"]
+        return cls(data["status"], error["message"], type=error["type"], param=error["param"],
+                   headers=data.get("headers"))
+
 
 def error_body(type: str, message: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"type": type, "message": message, "param": param, "code": code}}
@@ -70,6 +80,8 @@ class GenerateRequest(_Model):
     edits: list[EditSpec] = Field(default_factory=list)
     include_baseline: bool = False
     return_features: ReturnFeatures | None = None
+    stream: bool = Field(default=False, description="Server-sent events: text deltas (and baseline deltas) as "
+                                                    "they are generated, then the full response, then [DONE].")
 
     @field_validator("stop")
     @classmethod

@@ -5,8 +5,9 @@ version number. Every model replica follows it from a background thread: when th
 changes it loads (from the store) or drops dictionaries between batches, then acknowledges
 the version with any errors. ``POST /v1/dictionaries/{name}/deploy`` changes the desired
 set and waits until every live replica of that model has acknowledged — so a deploy
-reaches all replicas without a restart, and requests in flight finish on the batch they
-are in.
+reaches all replicas without a restart, and rows already running finish with the weights
+they started with. Each heartbeat also carries the replica's metrics text, which
+``GET /metrics`` merges across replicas.
 """
 
 from __future__ import annotations
@@ -41,8 +42,13 @@ class Registry:
         state["names"], state["version"] = sorted(names), state["version"] + 1
         return state["version"]
 
-    def ack(self, model: str, replica: str, version: int, errors: dict) -> None:
-        self.acks[(model, replica)] = {"version": version, "errors": errors, "seen": time.time()}
+    def ack(self, model: str, replica: str, version: int, errors: dict, metrics: str = "") -> None:
+        self.acks[(model, replica)] = {"version": version, "errors": errors, "seen": time.time(), "metrics": metrics}
+
+    def metrics(self) -> dict[str, str]:
+        """The latest metrics text of every live replica, by replica id."""
+        now = time.time()
+        return {replica: ack["metrics"] for (_, replica), ack in self.acks.items() if now - ack["seen"] < ALIVE_S}
 
     def progress(self, model: str, version: int) -> dict:
         now = time.time()

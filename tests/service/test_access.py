@@ -1,6 +1,7 @@
 """API keys, roles, rate limits and /metrics on a second app with keys configured."""
 
 import re
+import time
 
 import pytest
 import requests
@@ -64,7 +65,12 @@ def test_rate_limits(secure):
 def test_metrics_count_what_happened(secure):
     _generate(secure, USER)
     _generate(secure)  # a 401
-    text = _get(secure, "/metrics", ADMIN).text
+    text = ""
+    for _ in range(100):  # replicas report their metrics with each registry heartbeat (0.25 s)
+        text = _get(secure, "/metrics", ADMIN).text
+        if re.search(r'^steerserve_batch_size_count\{model="pythia-tiny",replica="\w+"\} [1-9]', text, re.MULTILINE):
+            break
+        time.sleep(0.1)
 
     def value(pattern):
         match = re.search(pattern, text, re.MULTILINE)
@@ -76,7 +82,10 @@ def test_metrics_count_what_happened(secure):
     assert value(r'^steerserve_generated_tokens_total\{model="pythia-tiny"\} (\S+)') >= 3
     assert value(r'^steerserve_edits_applied_total\{model="pythia-tiny",op="ablate"\} (\S+)') >= 1
     assert value(r'^steerserve_request_seconds_count\{endpoint="/v1/generate"\} (\S+)') >= 2
-    assert value(r'^steerserve_batch_size_count\{model="pythia-tiny"\} (\S+)') >= 1
+    assert value(r'^steerserve_batch_size_count\{model="pythia-tiny",replica="\w+"\} (\S+)') >= 1
+    assert value(r'^steerserve_engine_tokens_total\{model="pythia-tiny",replica="\w+"\} (\S+)') >= 3
+    assert value(r'^steerserve_queue_depth\{model="pythia-tiny",replica="\w+"\} (\S+)') == 0
+    assert "# TYPE steerserve_time_to_first_token_seconds histogram" in text
     assert "# TYPE steerserve_request_seconds histogram" in text
 
 

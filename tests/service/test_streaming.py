@@ -1,4 +1,5 @@
-"""Streaming text deltas: their concatenation is the final text, and no stop string leaks."""
+"""Streaming: per-step updates from the scheduler, and text deltas whose concatenation is the
+final text with no stop string leaking."""
 
 from editing.engine import Engine, GenerationRequest
 from service.model_server import DeltaStreamer
@@ -31,12 +32,18 @@ def test_stop_strings_are_held_back(pythia_tiny):
     assert "".join(deltas) == stopped.text and stop not in "".join(deltas)
 
 
-def test_engine_reports_each_step(pythia_tiny):
+def test_scheduler_reports_each_step(pythia_tiny):
     engine = Engine(pythia_tiny.model, pythia_tiny.tokenizer)
-    steps = []
-    results = engine.generate([GenerationRequest("a", max_new_tokens=5), GenerationRequest("b", max_new_tokens=3,
-                                                                                          include_baseline=True)],
-                              on_step=lambda progress: steps.append([(list(t), f) for t, f, _ in progress]))
-    assert len(steps) == 5 and all(len(s) == 2 for s in steps)  # one entry a request, baselines excluded
-    assert steps[-1][0][0] == results[0].tokens and steps[2][1] == (results[1].tokens, "length")
-    assert [len(s[0][0]) for s in steps] == [1, 2, 3, 4, 5]
+    scheduler = engine.scheduler()
+    updates = {"a": [], "b": []}
+    a = scheduler.submit(GenerationRequest("a", max_new_tokens=5), on_update=updates["a"].append)
+    b = scheduler.submit(GenerationRequest("b", max_new_tokens=3, include_baseline=True), on_update=updates["b"].append)
+    scheduler.run_until_idle()
+    assert [len(step) for step in updates["a"]] == [1] * 5  # one update a step, for the one row
+    assert [len(step) for step in updates["b"]] == [2] * 3  # the main row and its baseline
+    for name, handle in (("a", a), ("b", b)):
+        main = [u for step in updates[name] for u in step if not u.baseline]
+        assert [t for u in main for t in u.tokens] == handle.result.tokens
+        assert [u.finish_reason for u in main][-1] == handle.result.finish_reason == "length"
+    baseline = [t for step in updates["b"] for u in step if u.baseline for t in u.tokens]
+    assert baseline == b.result.baseline.tokens

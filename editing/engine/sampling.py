@@ -1,9 +1,10 @@
 """Per-row sampling for a batch in which every request has its own settings.
 
-Temperature, top-k, top-p and the seed are tensors with one entry a row, so one batch
-carries different settings per request without a Python loop over rows. The random draw
-of a row is a counter-based hash of ``(seed, step)``: it depends on nothing else, so a
-seeded request samples the same tokens alone or in any batch.
+Temperature, top-k, top-p, the seed and the row's own step (tokens it has generated so
+far) are tensors with one entry a row, so one batch carries different settings per
+request without a Python loop over rows. The random draw of a row is a counter-based hash
+of ``(seed, step)``: it depends on nothing else, so a seeded request samples the same
+tokens alone or in any batch, whenever it joined it.
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def uniform(seeds: torch.Tensor, step: int) -> torch.Tensor:
-    """One number in (0, 1) a row, from that row's seed and the step: ``(R,) float64``."""
+def uniform(seeds: torch.Tensor, steps: torch.Tensor | int) -> torch.Tensor:
+    """One number in (0, 1) a row, from that row's seed and step: ``(R,) float64``."""
     low = seeds & _MASK32
     high = (seeds >> 32) & _MASK32
-    x = _mix32(_mix32(low ^ _mix32(high + 0x9E3779B9)) ^ ((step * 0x632BE5AB + 0x85EBCA6B) & _MASK32))
+    x = _mix32(_mix32(low ^ _mix32(high + 0x9E3779B9)) ^ ((steps * 0x632BE5AB + 0x85EBCA6B) & _MASK32))
     x2 = _mix32(x ^ 0x27D4EB2F)
     return ((x.double() * 2.0**32 + x2.double()) + 0.5) / 2.0**64
 
@@ -41,12 +42,14 @@ class RowSampling:
     top_k: torch.Tensor  # (R,) long; 0 = off
     top_p: torch.Tensor  # (R,) float; 1 = off
     seeds: torch.Tensor  # (R,) long
+    steps: torch.Tensor  # (R,) long: tokens the row has generated before this draw
 
-    def to(self, device) -> "RowSampling":
-        return RowSampling(*(t.to(device) for t in (self.temperature, self.top_k, self.top_p, self.seeds)))
+    def select(self, rows: torch.Tensor) -> "RowSampling":
+        return RowSampling(*(t.index_select(0, rows) for t in (self.temperature, self.top_k, self.top_p,
+                                                                self.seeds, self.steps)))
 
 
-def sample(logits: torch.Tensor, settings: RowSampling, step: int) -> torch.Tensor:
+def sample(logits: torch.Tensor, settings: RowSampling) -> torch.Tensor:
     """Next token of each row: ``logits (R, V)`` → ``(R,)`` long."""
     logits = logits.float()
     greedy = logits.argmax(dim=-1)  # (R,)
@@ -62,7 +65,7 @@ def sample(logits: torch.Tensor, settings: RowSampling, step: int) -> torch.Tens
     keep &= (probs.cumsum(dim=-1) - probs) < settings.top_p.unsqueeze(-1)  # the first token always stays
     probs = torch.where(keep, probs, torch.zeros_like(probs))
     cdf = probs.double().cumsum(dim=-1)  # (R, V)
-    target = uniform(settings.seeds, step).to(logits.device).unsqueeze(-1) * cdf[:, -1:]  # (R, 1)
+    target = uniform(settings.seeds, settings.steps).to(logits.device).unsqueeze(-1) * cdf[:, -1:]  # (R, 1)
     choice = torch.searchsorted(cdf, target).clamp(max=vocab - 1)  # (R, 1)
     sampled = order.gather(-1, choice).squeeze(-1)
     return torch.where(settings.temperature > 0, sampled, greedy)

@@ -1,0 +1,205 @@
+"""The running batch: every row's state by slot, and the two forwards a scheduler step runs.
+
+Slots ``0..n_decode-1`` are decoding rows (each feeds back its last token), the slots after
+them are rows still reading their prompt, oldest first. Per-slot tensors (the token to
+feed, sampling settings, the row's own step count), the key/value cache
+(:mod:`editing.engine.kv_cache`) and the per-dictionary edit tables
+(:mod:`editing.engine.edit_tables`) are all indexed by slot, and :meth:`RunningBatch.reorder`
+moves them together when rows join, finish their prompt or leave — TGI's
+``filter``/``concatenate`` with the edit tables travelling with their rows, as its
+heterogeneous sampling parameters do.
+
+    batch.add(sequence)                        # joins at the end of the prompt region
+    tokens, logprobs = batch.decode()          # one token for every decoding row
+    firsts = batch.prefill(count, chunk)       # the next chunk of the first `count` prompt rows
+    batch.reorder(decoding, promoted, prompt)  # who stays, in which region, in which order
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from editing.engine.edit_tables import GENERATED, PROMPT, DictionaryTable, Window
+from editing.engine.kv_cache import SlotCache
+from editing.engine.sampling import RowSampling, sample
+from editing.hookpoints import parse_hook_name
+from editing.nethook import Trace
+
+_SLOT_TENSORS = {"next_token": torch.long, "temperature": torch.float32, "top_k": torch.long,
+                 "top_p": torch.float32, "seeds": torch.long, "steps": torch.long}
+
+
+def hook_order(table: DictionaryTable) -> tuple:
+    """Tables run in layer order (a layer's input before its output), then by name."""
+    layer, kind = parse_hook_name(table.dictionary.config.hook)
+    return layer, 0 if kind == "resid_pre" else 1, table.name, id(table.dictionary)
+
+
+class RunningBatch:
+    def __init__(self, model, max_rows: int, pad_id: int):
+        self.model = model
+        self.body, self.head = model.base_model, model.get_output_embeddings()
+        self.device = next(model.parameters()).device
+        self.pad_id = pad_id
+        self.cache = SlotCache(model.config, next(model.parameters()).dtype, self.device, max_rows)
+        self.sequences: list = []  # by slot
+        self.n_decode = 0
+        self.slot_tensors = {name: torch.zeros(0, dtype=dtype, device=self.device) for name, dtype in _SLOT_TENSORS.items()}
+        self.tables: dict[int, DictionaryTable] = {}  # id(dictionary) -> its table
+        self.layout = 0  # bumped whenever rows change slots
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.sequences)
+
+    @property
+    def n_prefill(self) -> int:
+        return self.n_rows - self.n_decode
+
+    # --- rows ---------------------------------------------------------------------------------
+
+    def _grow(self, rows: int) -> None:
+        for name, tensor in self.slot_tensors.items():
+            if tensor.shape[0] < rows:
+                grown = torch.zeros(max(rows, 2 * tensor.shape[0], 4), dtype=tensor.dtype, device=self.device)
+                grown[: tensor.shape[0]] = tensor
+                self.slot_tensors[name] = grown
+
+    def add(self, sequence) -> None:
+        """A row joins at the end of the prompt region with its sampling settings and edits."""
+        slot = self.n_rows
+        self._grow(slot + 1)
+        self.cache.reserve(slot + 1, 0)
+        self.cache.clear(slot)
+        values = {"next_token": 0, "temperature": sequence.temperature, "top_k": sequence.top_k,
+                  "top_p": sequence.top_p, "seeds": sequence.seed, "steps": 0}
+        for name, value in values.items():
+            self.slot_tensors[name][slot] = value
+        readout_name, readout_k = sequence.readout or (None, 0)
+        for name, dictionary in sequence.dictionaries.items():
+            table = self.tables.get(id(dictionary))
+            if table is None:
+                table = self.tables[id(dictionary)] = DictionaryTable(name, dictionary, self.device)
+            table.add_row(slot, [edit for edit in sequence.edits if edit.dictionary == name],
+                          readout_k if name == readout_name else 0, len(sequence.prompt) + sequence.max_new_tokens)
+        sequence.slot = slot
+        self.sequences.append(sequence)
+        self.layout += 1
+
+    def reorder(self, decoding: list, promoted: list, prompt: list) -> None:
+        """The new layout: ``decoding`` rows that stay (kept where they are where possible, the
+        freed slots below filled from the top), then ``promoted`` rows that finished their
+        prompt, then the ``prompt`` rows still reading it, in order. Every other row leaves."""
+        stay = len(decoding)
+        low = sorted(s.slot for s in decoding if s.slot < stay)
+        holes = sorted(set(range(stay)) - set(low))
+        order: list = [None] * stay
+        for sequence in decoding:
+            if sequence.slot < stay:
+                order[sequence.slot] = sequence
+        movers = [s for s in decoding if s.slot >= stay]
+        for hole, sequence in zip(holes, movers):
+            order[hole] = sequence
+        order += promoted + prompt
+        destination = [slot for slot, sequence in enumerate(order) if sequence.slot != slot]
+        source = [order[slot].slot for slot in destination]
+        if destination:
+            dst = torch.tensor(destination, dtype=torch.long, device=self.device)
+            src = torch.tensor(source, dtype=torch.long, device=self.device)
+            self.cache.move(dst, src)
+            for tensor in self.slot_tensors.values():
+                tensor[dst] = tensor[src]
+            for table in self.tables.values():
+                table.move(dst, src)
+        left = self.n_rows - len(order)
+        for slot in range(len(order), self.n_rows):
+            self.cache.clear(slot)
+            for table in self.tables.values():
+                table.clear(slot)
+        for slot, sequence in enumerate(order):
+            sequence.slot = slot
+        self.sequences, self.n_decode = order, stay + len(promoted)
+        self.layout += 1
+        if left:
+            for key in [key for key, table in self.tables.items() if not table.in_use()]:
+                del self.tables[key]
+            for table in self.tables.values():
+                table.drop_unused_features()
+        if not self.sequences:
+            self.cache.release()
+
+    # --- forwards -------------------------------------------------------------------------------
+
+    def _forward(self, input_ids: torch.Tensor, window: Window, new_tokens: int) -> torch.Tensor:
+        """The body of the model over the window's rows with the edit hooks of its tables:
+        ``input_ids (R, T)`` → final hidden states ``(R, T, d)``."""
+        mask, positions = self.cache.window(window.lo, window.hi, new_tokens)
+        with contextlib.ExitStack() as stack:
+            for table in sorted(self.tables.values(), key=hook_order):
+                table.window = window
+                stack.enter_context(Trace(self.model, table.dictionary.config.hook, retain_output=False,
+                                          edit_output=table))
+            output = self.body(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=self.cache,
+                               use_cache=True)
+        return output.last_hidden_state
+
+    def _sampling(self, rows: torch.Tensor | slice) -> RowSampling:
+        t = self.slot_tensors
+        if isinstance(rows, slice):
+            return RowSampling(t["temperature"][rows], t["top_k"][rows], t["top_p"][rows], t["seeds"][rows], t["steps"][rows])
+        return RowSampling(t["temperature"], t["top_k"], t["top_p"], t["seeds"], t["steps"]).select(rows)
+
+    def _sample(self, hidden: torch.Tensor, rows: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.head(hidden).float()  # (n, V)
+        tokens = sample(logits, self._sampling(rows))  # (n,)
+        logprobs = logits.log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        return tokens, logprobs
+
+    def decode(self) -> tuple[list[int], list[float]]:
+        """One step of every decoding row: feed its last token, sample the next."""
+        lo, hi = 0, self.n_decode
+        window = Window(lo, hi, GENERATED, layout=self.layout)
+        hidden = self._forward(self.slot_tensors["next_token"][lo:hi].unsqueeze(1), window, 1)  # (R, 1, d)
+        self.cache.advance(lo, hi, 1)
+        tokens, logprobs = self._sample(hidden[:, -1], slice(lo, hi))
+        self.slot_tensors["next_token"][lo:hi] = tokens
+        self.slot_tensors["steps"][lo:hi] += 1
+        return tokens.tolist(), logprobs.tolist()
+
+    def prefill(self, count: int, chunk: int) -> list[tuple]:
+        """The next ``chunk`` (at most) prompt tokens of the first ``count`` prompt rows, in one
+        right-padded forward. Returns ``(sequence, first_token, logprob)`` for the rows whose
+        prompt is now complete (their first token is sampled from its last position)."""
+        lo, hi = self.n_decode, self.n_decode + count
+        rows = self.sequences[lo:hi]
+        counts = [min(len(s.prompt) - s.prefilled, chunk) for s in rows]
+        steps = max(counts)
+        input_ids = torch.full((count, steps), self.pad_id, dtype=torch.long)  # (R, T)
+        real = torch.zeros(count, steps, dtype=torch.bool)
+        for r, (sequence, n) in enumerate(zip(rows, counts)):
+            input_ids[r, :n] = torch.tensor(sequence.prompt[sequence.prefilled : sequence.prefilled + n])
+            real[r, :n] = True
+        counts_t = torch.tensor(counts, dtype=torch.long, device=self.device)
+        window = Window(lo, hi, PROMPT, real=real.to(self.device), counts=counts_t, layout=self.layout)
+        hidden = self._forward(input_ids.to(self.device), window, steps)  # (R, T, d)
+        self.cache.advance(lo, hi, counts_t)
+        complete = []
+        for r, (sequence, n) in enumerate(zip(rows, counts)):
+            sequence.prefilled += n
+            if sequence.prefilled == len(sequence.prompt):
+                complete.append(r)
+        if not complete:
+            return []
+        index = torch.tensor(complete, dtype=torch.long, device=self.device)
+        last = hidden[index, counts_t.index_select(0, index) - 1]  # (n, d)
+        tokens, logprobs = self._sample(last, index + lo)
+        self.slot_tensors["next_token"][index + lo] = tokens
+        self.slot_tensors["steps"][index + lo] = 1
+        return [(rows[r], token, logprob) for r, token, logprob in zip(complete, tokens.tolist(), logprobs.tolist())]
+
+    # --- results ----------------------------------------------------------------------------
+
+    def table_of(self, dictionary) -> DictionaryTable:
+        return self.tables[id(dictionary)]

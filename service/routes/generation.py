@@ -1,0 +1,133 @@
+"""Generation routes: native ``/v1/generate`` (optionally streamed), OpenAI-compatible
+``/v1/completions`` (optionally streamed) and ``/v1/inspect``.
+
+A streamed answer is server-sent events relayed from the model replica: one event for what
+one or more scheduler steps produced, the last one with the full result, then
+``data: [DONE]``. A stream that ends any other way (the replica died, an internal error)
+ends with an error event and no ``[DONE]``, so a client can tell truncated output from
+complete output. When the client disconnects, Serve cancels this handler; the stream from
+the replica is cancelled with it and the request's row leaves the batch at the next step.
+"""
+
+import json
+import logging
+import time
+import uuid
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
+
+from service.http import app, counted, METRICS, _request_body, _unwrap
+from service.protocol import ApiError, CompletionRequest, GenerateRequest, InspectRequest, error_body, validation_param
+
+logger = logging.getLogger(__name__)
+
+
+def sse(body) -> str:
+    return f"data: {body if isinstance(body, str) else json.dumps(body)}\n\n"
+
+
+async def relay(stream, first: dict, render):
+    """Server-sent events from the replica's messages: ``render(message)`` for each, then
+    ``[DONE]``; an error event instead when the stream breaks."""
+    message = first
+    try:
+        while True:
+            if "error" in message:
+                yield sse(message["error"])
+                return
+            yield sse(render(message))
+            if "final" in message:
+                break
+            message = await stream.__anext__()
+        yield sse("[DONE]")
+    except StopAsyncIteration:
+        yield sse(error_body("server_error", "the stream ended before the request finished"))
+    except Exception as err:  # noqa: BLE001 - the replica died or failed: tell the client, do not pretend
+        logger.warning("stream broken: %s", err)
+        yield sse(error_body("server_error", f"the stream broke ({type(err).__name__}); the output is incomplete"))
+    finally:
+        stream.cancel()  # a no-op when it finished; frees the row when the client went away
+
+
+class GenerationRoutes:
+    async def _open_stream(self, handle, native: GenerateRequest):
+        """The replica's message stream and its first message; a refusal is a plain 4xx/503."""
+        stream = handle.options(stream=True).generate_stream.remote(native)
+        first = await stream.__anext__()
+        if "error" in first:
+            stream.cancel()
+            _unwrap(first)
+        return stream, first
+
+    @app.post("/v1/generate", openapi_extra=_request_body(GenerateRequest))
+    @counted("POST", "/v1/generate")
+    async def generate(self, request: Request):
+        self._allow(request)
+        body = await self._body(request, GenerateRequest)
+        name, handle = self._handle(body.model)
+        if not body.stream:
+            result = _unwrap(await handle.generate.remote(body))
+            METRICS.count_work(name, len(result["tokens"]), body.edits)
+            return result
+        stream, first = await self._open_stream(handle, body)
+
+        def render(message: dict) -> dict:
+            if "final" in message:
+                METRICS.count_work(name, len(message["final"]["tokens"]), body.edits)
+                return {**message["final"], "delta": message["delta"], "baseline_delta": message["baseline_delta"]}
+            return {"delta": message["delta"], "baseline_delta": message["baseline_delta"]}
+
+        return StreamingResponse(relay(stream, first, render), media_type="text/event-stream")
+
+    @app.post("/v1/completions", openapi_extra=_request_body(CompletionRequest))
+    @counted("POST", "/v1/completions")
+    async def completions(self, request: Request):
+        self._allow(request)
+        body = await self._body(request, CompletionRequest)
+        name, handle = self._handle(body.model)
+        try:
+            native = body.to_generate()
+        except ValidationError as err:
+            first = err.errors()[0]
+            raise ApiError(400, first["msg"], param=validation_param(tuple(first["loc"]))) from None
+        completion_id, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+        def usage_of(result: dict) -> dict:
+            return {"prompt_tokens": result["prompt_tokens"], "completion_tokens": len(result["tokens"]),
+                    "total_tokens": result["prompt_tokens"] + len(result["tokens"])}
+
+        if not body.stream:
+            result = _unwrap(await handle.generate.remote(native, text_pieces=body.logprobs is not None))
+            METRICS.count_work(name, len(result["tokens"]), body.edits)
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs = {"tokens": result["text_pieces"], "token_logprobs": result["logprobs"]}
+            return {"id": completion_id, "object": "text_completion", "created": created, "model": name,
+                    "choices": [{"text": result["text"], "index": 0, "logprobs": logprobs,
+                                 "finish_reason": result["finish_reason"]}],
+                    "usage": usage_of(result), "edit_report": result["edit_report"]}
+
+        stream, first = await self._open_stream(handle, native)
+
+        def render(message: dict) -> dict:
+            result = message.get("final")
+            chunk = {"id": completion_id, "object": "text_completion", "created": created, "model": name,
+                     "choices": [{"text": message["delta"], "index": 0, "logprobs": None,
+                                  "finish_reason": result["finish_reason"] if result else None}]}
+            if result:
+                METRICS.count_work(name, len(result["tokens"]), body.edits)
+                chunk["usage"] = usage_of(result)
+                chunk["edit_report"] = result["edit_report"]
+            return chunk
+
+        return StreamingResponse(relay(stream, first, render), media_type="text/event-stream")
+
+    @app.post("/v1/inspect", openapi_extra=_request_body(InspectRequest))
+    @counted("POST", "/v1/inspect")
+    async def inspect(self, request: Request):
+        self._allow(request)
+        body = await self._body(request, InspectRequest)
+        _, handle = self._handle(body.model)
+        return _unwrap(await handle.inspect.remote(body))
