@@ -1,26 +1,54 @@
-"""Serving throughput and latency through HTTP, next to the in-process engine on the same work.
+"""Serving benchmark: continuous batching through HTTP, the same scheduler in-process, and static
+batching, on one trace of mixed lengths and mixed edits.
 
-    .venv/bin/python bench/serve.py [--levels 1 8 32] [--requests 64] [--new-tokens 16]
+    .venv/bin/python bench/serve.py [--models pythia-tiny pythia-70m-shape] [--levels 1 8 32 64]
+                                    [--per-client 4] [--seed 0]
 
-Starts the app (pythia-tiny + its default dictionary; both are built on first use) on a free
-loopback port and sends a fixed workload — half the requests edit two features, half do
-not, greedy, ``--new-tokens`` tokens each with EOS ignored — at each concurrency level from
-that many client threads. Then it runs the same requests through the engine in-process, in
-batches as large as the concurrency (capped at the server's batch size). Prints
-requests/s, generated tokens/s and p50/p99 latency, and the HTTP/in-process throughput ratio.
-Traffic goes to 127.0.0.1 only, and every loop is bounded.
+For each model, the app (Ray Serve on a free loopback port) serves it with one dictionary:
+pythia-tiny with its default dictionary, the Pythia-70M-shaped random model (saved once under
+``$STEERSERVE_HOME/models/``) with a random 4096-feature relu dictionary at its middle layer.
+A trace of ``per-client × concurrency`` greedy requests is drawn once per level: prompts from a
+fixed list, ``max_new_tokens`` uniform in 8..128 with EOS ignored (exact lengths), half of them
+editing two features. At each concurrency ``C`` the same trace runs three ways, each a closed
+loop of ``C`` clients (a client sends its next request when its last one is answered):
+
+- **HTTP**: ``C`` client threads stream ``POST /v1/generate`` (server-sent events, one event a
+  step) — time to first token and inter-token latency as the client sees them;
+- **in-process**: the scheduler in this process, fed the same trace by ``C`` virtual clients;
+- **static**: the batching the service had before continuous batching, simulated on the same
+  engine: a batch of up to 16 waiting requests runs until its longest request is done (every
+  row computes to that length) and answers all at once; the next batch starts after it.
+
+Printed a level: requests/s, generated tokens/s, TTFT p50/p99, inter-token latency p50/p99, the
+HTTP/in-process throughput ratio and continuous/static. Then the head-of-line figure: the
+latency of a 4-token request sent while 16 requests of 128 tokens run, in milliseconds and in
+decode steps of the running batch. Traffic goes to 127.0.0.1 only; every loop is bounded.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import queue
+import random
 import socket
-import statistics
+import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the app's CPU replicas wait passively (service/app.py); the in-process side must compare like with
+# like. libgomp reads this when torch loads, so it is set before anything imports torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+PROMPTS = ["Return the number of", "class", "The default value is", "Raise an exception if", "def main(",
+           "Return True if the", "This module provides", "An iterator over"]
+STATIC_BATCH = 16  # the @serve.batch size the service used before the scheduler
 
 
 def free_port() -> int:
@@ -29,83 +57,303 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-PROMPTS = ["Return the number of", "class", "The default value is", "Raise an exception if", "def main(",
-           "Return True if the", "This module provides", "An iterator over"]
-
-
-def workload(n: int, new_tokens: int, dictionary: str) -> list[dict]:
-    bodies = []
-    for i in range(n):
-        edits = [{"dictionary": dictionary, "feature": (7 * i) % 1024, "op": "scale", "value": 4.0},
-                 {"dictionary": dictionary, "feature": (13 * i + 5) % 1024, "op": "ablate"}] if i % 2 else []
-        bodies.append({"prompt": PROMPTS[i % len(PROMPTS)], "max_new_tokens": new_tokens, "edits": edits})
-    return bodies
-
-
 def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
+def trace(n: int, seed: int, dictionary: str, d_sae: int) -> list[dict]:
+    rng = random.Random(seed)
+    bodies = []
+    for i in range(n):
+        edits = [{"dictionary": dictionary, "feature": rng.randrange(d_sae), "op": "scale", "value": 4.0},
+                 {"dictionary": dictionary, "feature": rng.randrange(d_sae), "op": "ablate"}] if i % 2 else []
+        bodies.append({"prompt": rng.choice(PROMPTS), "max_new_tokens": rng.randint(8, 128), "edits": edits})
+    return bodies
+
+
+@dataclass
+class Run:
+    seconds: float = 0.0
+    tokens: int = 0
+    requests: int = 0
+    ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+    latency: list[float] = field(default_factory=list)
+
+    def row(self) -> list[str]:
+        ms = lambda v: f"{1000 * v:.1f}"  # noqa: E731
+        return [f"{self.requests / self.seconds:.2f}", f"{self.tokens / self.seconds:.1f}",
+                ms(percentile(self.ttft, 0.5)), ms(percentile(self.ttft, 0.99)),
+                ms(percentile(self.itl, 0.5)), ms(percentile(self.itl, 0.99))]
+
+
+# --- through HTTP -------------------------------------------------------------------------------------
+
+def http_request(session: requests.Session, url: str, model: str, body: dict) -> tuple[int, float, list[float], float]:
+    """Stream one request: (tokens, ttft, inter-token gaps, latency) as the client sees them."""
+    start = time.perf_counter()
+    answer = session.post(url + "/v1/generate", json={**body, "model": model, "stream": True, "ignore_eos": True},
+                          stream=True, timeout=600)
+    answer.raise_for_status()
+    tokens, first, last, gaps = 0, None, None, []
+    for line in answer.iter_lines():
+        if not line.startswith(b"data: ") or line == b"data: [DONE]":
+            continue
+        event = json.loads(line[6:])
+        if "error" in event:
+            raise RuntimeError(event["error"])
+        now, count = time.perf_counter(), len(event["token_ids"])
+        if count:
+            if first is None:
+                first, count = now - start, count - 1
+            elif last is not None:
+                gaps += [(now - last) / count] * count
+            tokens += len(event["token_ids"])
+            last = now
+    return tokens, first, gaps, time.perf_counter() - start
+
+
+def closed_loop(bodies: list[dict], concurrency: int, send) -> Run:
+    """``concurrency`` client threads, each sending its next request when its last one returned."""
+    work: queue.Queue = queue.Queue()
+    for body in bodies:
+        work.put(body)
+    run, lock = Run(), threading.Lock()
+
+    def client():
+        session = requests.Session()
+        while True:
+            try:
+                body = work.get_nowait()
+            except queue.Empty:
+                return
+            tokens, ttft, gaps, latency = send(session, body)
+            with lock:
+                run.tokens += tokens
+                run.requests += 1
+                run.ttft.append(ttft)
+                run.itl += gaps
+                run.latency.append(latency)
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    run.seconds = time.perf_counter() - start
+    return run
+
+
+# --- in-process -----------------------------------------------------------------------------------------
+
+def engine_request(body: dict, *, max_new_tokens: int | None = None):
+    from editing.edits import EditSpec
+    from editing.engine import GenerationRequest
+
+    return GenerationRequest(body["prompt"], max_new_tokens=max_new_tokens or body["max_new_tokens"], ignore_eos=True,
+                             edits=tuple(EditSpec(**edit) for edit in body["edits"]))
+
+
+def in_process(engine, limits, bodies: list[dict], concurrency: int) -> Run:
+    """The scheduler fed by ``concurrency`` virtual clients in a closed loop."""
+    scheduler = engine.scheduler(limits)
+    pending, run = list(bodies), Run()
+    active: dict[int, dict] = {}
+
+    def submit():
+        body = pending.pop(0)
+        state = {"start": time.perf_counter(), "first": None, "last": None}
+
+        def on_update(updates, state=state):
+            now, count = time.perf_counter(), sum(len(u.tokens) for u in updates)
+            if not count:
+                return
+            if state["first"] is None:
+                state["first"], count = now, count - 1
+            elif state["last"] is not None:
+                run.itl.extend([(now - state["last"]) / count] * count)
+            state["last"] = now
+
+        handle = scheduler.submit(engine_request(body), on_update=on_update)
+        active[handle.id] = (handle, state)
+
+    start = time.perf_counter()
+    for _ in range(min(concurrency, len(pending))):
+        submit()
+    while active:
+        scheduler.step()
+        for key, (handle, state) in list(active.items()):
+            if handle.done:
+                del active[key]
+                now = time.perf_counter()
+                run.requests += 1
+                run.tokens += len(handle.result.tokens)
+                run.ttft.append(state["first"] - state["start"])
+                run.latency.append(now - state["start"])
+                if pending:
+                    submit()
+    run.seconds = time.perf_counter() - start
+    return run
+
+
+def static_batching(engine, bodies: list[dict], concurrency: int) -> Run:
+    """Batches of up to 16 waiting requests, each run to its longest request's length, answered at its end."""
+    from editing.engine.scheduler import SchedulerLimits
+
+    pending, run = list(bodies), Run()
+    waiting = [time.perf_counter() for _ in range(min(concurrency, len(pending)))]  # arrival times
+    start = time.perf_counter()
+    while waiting:
+        batch_arrivals, waiting = waiting[:STATIC_BATCH], waiting[STATIC_BATCH:]
+        batch = [pending.pop(0) for _ in batch_arrivals]
+        longest = max(body["max_new_tokens"] for body in batch)
+        scheduler = engine.scheduler(SchedulerLimits(max_running_rows=len(batch), max_tokens_in_flight=1 << 30))
+        firsts: dict[int, float] = {}
+        handles = []
+        for body in batch:
+            handle = scheduler.submit(engine_request(body, max_new_tokens=longest))
+            handle.on_update = lambda updates, key=handle.id: firsts.setdefault(key, time.perf_counter())
+            handles.append(handle)
+        step_times = []
+        while scheduler.step():
+            step_times.append(time.perf_counter())
+        end = time.perf_counter()
+        for handle, body, arrived in zip(handles, batch, batch_arrivals):
+            run.requests += 1
+            run.tokens += body["max_new_tokens"]  # the rest of the row was computed for nothing
+            run.ttft.append(firsts[handle.id] - arrived)
+            run.latency.append(end - arrived)
+        gaps = [b - a for a, b in zip(step_times, step_times[1:])]
+        run.itl += gaps * len(batch)
+        waiting += [end] * min(len(batch), len(pending) - len(waiting))  # their clients send again
+    run.seconds = time.perf_counter() - start
+    return run
+
+
+# --- head of line ---------------------------------------------------------------------------------------
+
+def head_of_line_http(url: str, model: str) -> tuple[float, float]:
+    """Latency of a 4-token request sent while 16 requests of 128 tokens run, and the running
+    batch's median decode step measured meanwhile."""
+    long = {"prompt": PROMPTS[0], "max_new_tokens": 128, "edits": []}
+    gaps: list[float] = []
+    started = threading.Barrier(17)
+
+    def runner():
+        session = requests.Session()
+        started.wait()
+        _, _, g, _ = http_request(session, url, model, long)
+        gaps.extend(g)
+
+    threads = [threading.Thread(target=runner) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    started.wait()
+    time.sleep(1.0)  # the 16 are decoding
+    _, _, _, latency = http_request(requests.Session(), url, model, {"prompt": PROMPTS[1], "max_new_tokens": 4, "edits": []})
+    for thread in threads:
+        thread.join()
+    return latency, percentile(gaps, 0.5)
+
+
+def head_of_line_steps(engine, limits) -> int:
+    """In-process: scheduler steps from the short request's submission to its answer."""
+    scheduler = engine.scheduler(limits)
+    for _ in range(16):
+        scheduler.submit(engine_request({"prompt": PROMPTS[0], "max_new_tokens": 128, "edits": []}))
+    for _ in range(8):
+        scheduler.step()
+    short = scheduler.submit(engine_request({"prompt": PROMPTS[1], "max_new_tokens": 4, "edits": []}))
+    steps = 0
+    while not short.done:
+        scheduler.step()
+        steps += 1
+    scheduler.run_until_idle()
+    return steps
+
+
+# --- set-up -----------------------------------------------------------------------------------------------
+
+def prepare(model: str):
+    """(model name for the app, dictionary name, d_sae, loaded model) — built or stored on first use."""
+    from bench_models import load_bench_model, save_bench_model
+    from dictionaries.config import DictionaryConfig
+    from dictionaries.sae import Dictionary
+    from dictionaries.store import DictionaryStore
+    from dictionaries.training.pipeline import DEFAULT_NAME
+
+    if model == "pythia-tiny":
+        from service.setup import default_app_args, ensure_defaults
+
+        ensure_defaults(default_app_args())
+        return "pythia-tiny", DEFAULT_NAME, 1024, load_bench_model("pythia-tiny", "cpu")
+    path = save_bench_model(model)
+    store, name = DictionaryStore(), "bench-70m-shape-l3"
+    if name not in store:
+        config = DictionaryConfig(architecture="relu", d_in=512, d_sae=4096, hook="blocks.3.hook_resid_post",
+                                  model_name=str(path))
+        store.put(name, Dictionary.random(config, seed=0))
+    from editing.model import load_model
+
+    return str(path), name, 4096, load_model(str(path), progress=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--levels", nargs="+", type=int, default=[1, 8, 32])
-    parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--models", nargs="+", default=["pythia-tiny", "pythia-70m-shape"])
+    parser.add_argument("--levels", nargs="+", type=int, default=[1, 8, 32, 64])
+    parser.add_argument("--per-client", type=int, default=4, help="requests in the trace per client (at least 16 in all)")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-    from editing.engine import GenerationRequest
-    from editing.edits import EditSpec
-    from service.app import run
-    from service.model_server import ModelConfig, ModelServer
-    from service.setup import default_app_args, ensure_defaults
-
-    app_args = default_app_args()
-    ensure_defaults(app_args)
-    dictionary = app_args.models[0].dictionaries[0]
-    url = run(app_args, port=free_port(), name="steerserve-bench")
-    max_batch = app_args.limits.max_batch_size
-    session = requests.Session()
-
-    def send(body: dict) -> tuple[float, int]:
-        body = {**body}
-        start = time.perf_counter()
-        answer = session.post(url + "/v1/generate", json=body, timeout=300)
-        answer.raise_for_status()
-        return time.perf_counter() - start, len(answer.json()["tokens"])
-
-    local = ModelServer(ModelConfig(name="pythia-tiny", dictionaries=(dictionary,), torch_threads=os.cpu_count()))
-    print(f"{args.requests} requests a level, {args.new_tokens} new tokens each, half with 2 edited features; "
-          f"server batch size {max_batch}; torch threads {os.cpu_count()}")
-    print(f"{'concurrency':>11} {'req/s':>7} {'tok/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'in-proc tok/s':>14} {'ratio':>6}")
-    for level in args.levels:
-        bodies = workload(args.requests, args.new_tokens, dictionary)
-        for body in bodies[: min(level, 4)]:  # warm the path
-            send(body)
-        start = time.perf_counter()
-        with ThreadPoolExecutor(level) as pool:
-            results = list(pool.map(send, bodies))
-        elapsed = time.perf_counter() - start
-        latencies = [r[0] for r in results]
-        tokens = sum(r[1] for r in results)
-
-        requests_local = [GenerationRequest(b["prompt"], max_new_tokens=b["max_new_tokens"],
-                                            edits=tuple(EditSpec(**e) for e in b["edits"]), ignore_eos=False)
-                          for b in bodies]
-        batch = max(1, min(level, max_batch))
-        start = time.perf_counter()
-        local_tokens = 0
-        for i in range(0, len(requests_local), batch):
-            local_tokens += sum(len(r.tokens) for r in local.generate_batch(requests_local[i : i + batch]))
-        local_elapsed = time.perf_counter() - start
-        http_rate, local_rate = tokens / elapsed, local_tokens / local_elapsed
-        print(f"{level:>11} {len(bodies) / elapsed:>7.2f} {http_rate:>8.1f} {1000 * statistics.median(latencies):>8.1f} "
-              f"{1000 * percentile(latencies, 0.99):>8.1f} {local_rate:>14.1f} {http_rate / local_rate:>6.3f}", flush=True)
+    import torch
     from ray import serve
 
-    serve.shutdown()
+    from dictionaries.store import DictionaryStore
+    from editing.engine import Engine
+    from service.app import AppArgs, ModelArgs, run
+    from service.model_server import Limits
+
+    threads = os.cpu_count()
+    torch.set_num_threads(threads)
+    limits = Limits(max_new_tokens=128, max_running_rows=64, max_queued_requests=256)
+    prepared = {model: prepare(model) for model in args.models}
+    app = AppArgs(models=[ModelArgs(name=name, dictionaries=[dictionary], torch_threads=threads)
+                          for name, dictionary, _, _ in prepared.values()], limits=limits)
+    url = run(app, port=free_port(), name="steerserve-bench")
+    print(f"torch {torch.__version__}, {threads} threads, CPU; limits: {limits.max_running_rows} running rows, "
+          f"prefill chunk {limits.prefill_chunk_tokens}; static batches of up to {STATIC_BATCH}")
+    try:
+        for model, (name, dictionary, d_sae, loaded) in prepared.items():
+            engine = Engine(loaded.model, loaded.tokenizer, {dictionary: DictionaryStore().load(dictionary)})
+            warm = trace(8, args.seed, dictionary, d_sae)
+            closed_loop(warm, 4, lambda session, body: http_request(session, url, name, body))
+            in_process(engine, limits.scheduler_limits(), warm, 4)
+            print(f"\n{model} (dictionary {dictionary}; max_new_tokens 8-128, half the requests edit 2 features)")
+            header = ["C", "mode", "req/s", "tok/s", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99"]
+            print(" | ".join(header) + " | HTTP/in-proc | cont./static")
+            for level in args.levels:
+                bodies = trace(max(16, args.per_client * level), args.seed + level, dictionary, d_sae)
+                http = closed_loop(bodies, level, lambda session, body: http_request(session, url, name, body))
+                local = in_process(engine, limits.scheduler_limits(), bodies, level)
+                static = static_batching(engine, bodies, level)
+                assert http.tokens == local.tokens == static.tokens == sum(b["max_new_tokens"] for b in bodies)
+                ratio = (http.tokens / http.seconds) / (local.tokens / local.seconds)
+                gain = (local.tokens / local.seconds) / (static.tokens / static.seconds)
+                for mode, result in (("HTTP", http), ("in-process", local), ("static", static)):
+                    extra = f" | {ratio:.2f} | {gain:.2f}" if mode == "HTTP" else ""
+                    print(" | ".join([str(level), mode, *result.row()]) + extra, flush=True)
+            latency, step = head_of_line_http(url, name)
+            steps = head_of_line_steps(engine, limits.scheduler_limits())
+            print(f"head of line: a 4-token request beside 16 × 128-token requests answered in {1000 * latency:.0f} ms "
+                  f"through HTTP = {latency / step:.1f} decode steps of {1000 * step:.1f} ms; in-process after {steps} steps")
+    finally:
+        serve.shutdown()
 
 
 if __name__ == "__main__":

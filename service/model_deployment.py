@@ -96,9 +96,10 @@ class ModelDeployment:
         return await self._call(work)
 
     async def generate_stream(self, request: GenerateRequest):
-        """Yield ``{"delta", "baseline_delta"}`` while the request runs (one message for what one or
-        more steps produced), then ``{"final": response, "delta", "baseline_delta"}``; or one
-        ``{"error": ...}``. The deltas concatenate to the final texts."""
+        """Yield ``{"delta", "baseline_delta", "token_ids", "baseline_token_ids"}`` while the request
+        runs (one message for what one or more steps produced), then ``{"final": response, ...}`` with
+        the rest; or one ``{"error": ...}``. Deltas and token ids concatenate to the final texts and
+        token lists."""
         events: asyncio.Queue = asyncio.Queue()
         try:
             handle = self._submit(request, events, stream=True)
@@ -108,13 +109,13 @@ class ModelDeployment:
         tokenizer = self.server.loaded.tokenizer
         streams = {False: (DeltaStreamer(tokenizer, list(request.stop)), []),
                    True: (DeltaStreamer(tokenizer, list(request.stop)), [])}
-        sent = {False: "", True: ""}
+        sent, counted = {False: "", True: ""}, {False: 0, True: 0}  # what earlier messages carried
         try:
             while True:
                 items = [await events.get()]
                 while not events.empty():
                     items.append(events.get_nowait())
-                deltas = {False: "", True: ""}
+                deltas, new_tokens = {False: "", True: ""}, {False: [], True: []}
                 finished = None
                 for kind, payload in items:
                     if kind == "done":
@@ -123,19 +124,25 @@ class ModelDeployment:
                     for update in payload:
                         streamer, tokens = streams[update.baseline]
                         tokens.extend(update.tokens)
+                        new_tokens[update.baseline] += update.tokens
                         deltas[update.baseline] += streamer.update(tokens, update.finish_reason, update.text)
-                if finished is not None:  # the rest of both texts, whatever this round's deltas were
+                if finished is not None:  # the rest of both texts and token lists
                     if finished.error is not None:
                         yield self.server.request_error(finished.error).as_data()
                         return
                     response = self.server.response(finished.result)
-                    baseline_text = (response["baseline"] or {}).get("text", "")
+                    baseline = response["baseline"] or {"text": "", "tokens": []}
                     yield {"final": response, "delta": response["text"][len(sent[False]):],
-                           "baseline_delta": baseline_text[len(sent[True]):]}
+                           "baseline_delta": baseline["text"][len(sent[True]):],
+                           "token_ids": response["tokens"][counted[False]:],
+                           "baseline_token_ids": baseline["tokens"][counted[True]:]}
                     return
-                if deltas[False] or deltas[True]:
-                    sent[False], sent[True] = sent[False] + deltas[False], sent[True] + deltas[True]
-                    yield {"delta": deltas[False], "baseline_delta": deltas[True]}
+                if new_tokens[False] or new_tokens[True]:
+                    for baseline in (False, True):
+                        sent[baseline] += deltas[baseline]
+                        counted[baseline] += len(new_tokens[baseline])
+                    yield {"delta": deltas[False], "baseline_delta": deltas[True], "token_ids": new_tokens[False],
+                           "baseline_token_ids": new_tokens[True]}
         finally:
             if not handle.done:  # the consumer went away (client disconnected): free the row
                 self.server.cancel(handle)

@@ -80,8 +80,11 @@ class GenerateRequest(_Model):
     edits: list[EditSpec] = Field(default_factory=list)
     include_baseline: bool = False
     return_features: ReturnFeatures | None = None
-    stream: bool = Field(default=False, description="Server-sent events: text deltas (and baseline deltas) as "
-                                                    "they are generated, then the full response, then [DONE].")
+    stream: bool = Field(default=False, description="Server-sent events: text deltas and token ids (and the "
+                                                    "baseline's) as they are generated, then the full response, "
+                                                    "then [DONE].")
+    ignore_eos: bool = Field(default=False, description="Keep generating past EOS (fixed-length outputs, "
+                                                        "benchmarks).")
 
     @field_validator("stop")
     @classmethod
@@ -96,7 +99,7 @@ class GenerateRequest(_Model):
         return GenerationRequest(
             prompt=self.prompt, max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
             top_k=self.top_k, seed=self.seed, stop=tuple(self.stop), edits=tuple(self.edits),
-            include_baseline=self.include_baseline,
+            include_baseline=self.include_baseline, ignore_eos=self.ignore_eos,
             return_features=(self.return_features.dictionary, self.return_features.top_k) if self.return_features else None,
         )
 

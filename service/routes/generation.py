@@ -37,7 +37,9 @@ async def relay(stream, first: dict, render):
             if "error" in message:
                 yield sse(message["error"])
                 return
-            yield sse(render(message))
+            event = render(message)
+            if event is not None:
+                yield sse(event)
             if "final" in message:
                 break
             message = await stream.__anext__()
@@ -74,10 +76,11 @@ class GenerationRoutes:
         stream, first = await self._open_stream(handle, body)
 
         def render(message: dict) -> dict:
+            step = {key: message[key] for key in ("delta", "baseline_delta", "token_ids", "baseline_token_ids")}
             if "final" in message:
                 METRICS.count_work(name, len(message["final"]["tokens"]), body.edits)
-                return {**message["final"], "delta": message["delta"], "baseline_delta": message["baseline_delta"]}
-            return {"delta": message["delta"], "baseline_delta": message["baseline_delta"]}
+                return {**message["final"], **step}
+            return step
 
         return StreamingResponse(relay(stream, first, render), media_type="text/event-stream")
 
@@ -111,8 +114,10 @@ class GenerationRoutes:
 
         stream, first = await self._open_stream(handle, native)
 
-        def render(message: dict) -> dict:
+        def render(message: dict) -> dict | None:
             result = message.get("final")
+            if result is None and not message["delta"]:
+                return None  # OpenAI's chunks carry text: a step whose text is held back sends nothing
             chunk = {"id": completion_id, "object": "text_completion", "created": created, "model": name,
                      "choices": [{"text": message["delta"], "index": 0, "logprobs": None,
                                   "finish_reason": result["finish_reason"] if result else None}]}

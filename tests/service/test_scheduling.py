@@ -121,6 +121,9 @@ def test_native_streaming_with_a_baseline(server, engine):
     final = events[-1]
     assert "".join(e["delta"] for e in events) == final["text"]
     assert "".join(e["baseline_delta"] for e in events) == final["baseline"]["text"]
+    assert [t for e in events for t in e["token_ids"]] == final["tokens"]
+    assert [t for e in events for t in e["baseline_token_ids"]] == final["baseline"]["tokens"]
+    assert len(events) >= 10  # token by token, a message a step (or a few steps when the reader lags)
     [local] = engine.generate([GenerationRequest(body["prompt"], max_new_tokens=20, include_baseline=True,
                                                  edits=tuple(EditSpec(**e) for e in body["edits"]))])
     assert final["tokens"] == local.tokens and final["baseline"]["tokens"] == local.baseline.tokens
