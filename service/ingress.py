@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from ray import serve
 
 from service.access import AccessControl, keys_from_environment
+from service.feature_search import FeatureIndexes
 from service.http import METRICS, _request_body, _unwrap, app, counted
 from service.jobs import FINISHED, JobStore, run_evaluation, run_training
 from service.model_server import Limits
@@ -27,6 +28,7 @@ from service.protocol import (
     TrainingJobRequest,
     validation_param,
 )
+from service.ui import stored_dictionaries  # also mounts the page's routes on the app
 
 
 @serve.deployment(max_ongoing_requests=256)
@@ -42,6 +44,7 @@ class Ingress:
         self.jobs = JobStore()
         self.jobs.mark_interrupted()  # what a previous run left running cannot be finished now
         self.tasks: dict = {}  # job id -> Ray ObjectRef of its task
+        self.feature_indexes = FeatureIndexes()  # feature search, one index a dictionary (service/ui.py)
 
     def _allow(self, request: Request, role: str = "user") -> None:
         self.access.authorize(request.headers.get("authorization"), role)
@@ -186,7 +189,9 @@ class Ingress:
         self._allow(request)
         entries = []
         for handle in self.models.values():
-            entries += _unwrap(await handle.dictionaries.remote())
+            entries += [entry | {"deployed": True} for entry in _unwrap(await handle.dictionaries.remote())]
+        if request.query_params.get("stored") in ("true", "1"):  # also what is in the store, not deployed
+            entries += await asyncio.to_thread(stored_dictionaries, entries)
         return {"object": "list", "data": entries}
 
     @app.get("/v1/dictionaries/{name}")
@@ -294,6 +299,7 @@ class Ingress:
                 raise ApiError(503, f"not every replica of {model_name!r} confirmed within 120 s "
                                     f"({progress['acknowledged']}/{progress['replicas']})", type="server_error")
             await asyncio.sleep(0.1)
+        self.feature_indexes.drop(name)  # the replicas reloaded it: search rebuilds from the store
         failures = {replica: errors[name] for replica, errors in progress["errors"].items() if name in errors}
         if deployed and failures:
             await actor.change.remote(model_name, name, False)  # roll back; nothing else changes
