@@ -28,7 +28,8 @@ export class ApiFailure extends Error {
       429: "Rate limited (429): ",
     }[this.status] ?? (this.status ? `Error ${this.status}: ` : "");
     const param = this.param ? ` (param: ${this.param})` : "";
-    const retry = this.status === 429 && this.retryAfter ? ` Retry after ${this.retryAfter} s.` : "";
+    const retry = this.status === 429 && this.retryAfter && !/retry/i.test(this.message)
+      ? ` Retry after ${this.retryAfter} s.` : "";
     return `${prefix}${this.message}${param}${retry}`;
   }
 }

@@ -17,7 +17,11 @@ export async function render(root) {
   clear(root, h("h2", { text: "Dictionaries" }),
     h("p", { class: "hint", text: admin ? "Deploy loads a stored dictionary into every replica of its model without a "
       + "restart; undeploy unloads it." : "Deploying, undeploying and uploading need an admin key." }),
-    status, h("section", { class: "panel" }, table), admin ? uploadForm(refresh) : null);
+    status, h("section", { class: "panel" }, table,
+      h("p", { class: "hint", text: "Metrics come from each dictionary's metrics.json; CE recovered appears once an "
+        + "evaluation wrote it there (steerserve eval --dictionary NAME --write-metrics). The Jobs view measures "
+        + "it for any stored dictionary." })),
+    admin ? uploadForm(refresh) : null);
 
   async function refresh() {
     status.textContent = "loading…";

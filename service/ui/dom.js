@@ -103,6 +103,13 @@ export function showError(root, err, { aliases = {} } = {}) {
   return slot;
 }
 
+// A view that could not load: its heading and the reason, where the view would be.
+export function viewError(root, title, err) {
+  clear(root, h("h2", { text: title }),
+    h("p", { class: "form-error", role: "alert", text: err.describe ? err.describe() : String(err) }));
+  return null;
+}
+
 export function formError() {
   return h("p", { class: "form-error", role: "alert", hidden: true });
 }

@@ -4,7 +4,7 @@
 // #/features (no index) is the search page for a dictionary.
 
 import { cached, loadedDictionaries } from "./api.js";
-import { clear, field, fmt, h, pct, select, tokenSpan, uid } from "./dom.js";
+import { clear, field, fmt, h, pct, select, tokenSpan, uid, viewError } from "./dom.js";
 import { featureSearch } from "./search.js";
 import { editToText } from "./share.js";
 
@@ -34,8 +34,7 @@ export async function render(root, { segments, params }) {
   try {
     dictionaries = await loadedDictionaries();
   } catch (err) {
-    root.append(h("p", { class: "form-error", role: "alert", text: err.describe ? err.describe() : String(err) }));
-    return null;
+    return viewError(root, "Features", err);
   }
   const names = dictionaries.map((d) => d.name);
   const name = segments[1] || params.get("dict") || names[0];

@@ -2,7 +2,7 @@
 // feature (POST /v1/inspect); picking a token lists its top features, each linking to its page.
 
 import { api, loadedDictionaries } from "./api.js";
-import { busy, clear, clearErrors, field, fmt, formError, h, rovingTokens, select, showError, tokenSpan, uid } from "./dom.js";
+import { busy, clear, clearErrors, field, fmt, formError, h, rovingTokens, select, showError, tokenSpan, uid, viewError } from "./dom.js";
 
 const DEFAULT_TEXT = "Return the number of lines in the file, or raise an exception if it does not exist.";
 const STRONGEST_K = 10;
@@ -13,8 +13,7 @@ export async function render(root, { params }) {
   try {
     dictionaries = await loadedDictionaries();
   } catch (err) {
-    root.append(h("p", { class: "form-error", role: "alert", text: err.describe ? err.describe() : String(err) }));
-    return null;
+    return viewError(root, "Inspector", err);
   }
   const names = dictionaries.map((d) => d.name);
   const dictionary = select(names, params.get("dict") || names[0]);

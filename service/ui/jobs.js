@@ -3,7 +3,7 @@
 // dictionaries with their metrics.
 
 import { api, forget, models, session } from "./api.js";
-import { busy, clear, clearErrors, field, fmt, formError, h, pct, pm, select, showError } from "./dom.js";
+import { busy, clear, clearErrors, field, fmt, formError, h, pct, pm, select, showError, viewError } from "./dom.js";
 import { editFromText, wireEdit } from "./share.js";
 
 const POLL_MS = 1000;
@@ -21,8 +21,7 @@ export async function render(root, { segments }) {
       api("GET", "v1/dictionaries?stored=true").then((r) => r.data), models(),
     ]);
   } catch (err) {
-    root.append(h("p", { class: "form-error", role: "alert", text: err.describe ? err.describe() : String(err) }));
-    return null;
+    return viewError(root, "Jobs", err);
   }
   const jobsTable = h("div", { class: "table-wrap", "data-testid": "jobs" });
   const detail = h("section", { class: "panel job-detail", "aria-label": "Job", "data-testid": "job-detail", hidden: true });

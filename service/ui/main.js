@@ -76,8 +76,7 @@ function describeSession() {
   }
   document.body.dataset.role = session.role || "none";
   if (session.error?.status === 401) {
-    showBanner(session.key ? `The server refused this API key (401): ${session.error.message}. Type another above.`
-      : "This server needs an API key (401): type it above. It is kept only for this browser session.");
+    showUnauthorized(session.error);
   } else if (session.error && session.error.status !== 401) {
     showBanner(session.error.describe());
   } else showBanner("");
@@ -104,9 +103,12 @@ document.getElementById("skip").addEventListener("click", (event) => {
   view.focus();
 });
 
-window.addEventListener("steerserve:unauthorized", (event) => {
-  showBanner(`The server refused the request (401): ${event.detail.message}. Type an API key above.`);
-});
+function showUnauthorized(failure) {
+  showBanner(session.key ? `The server refused this API key (401): ${failure.message}. Type another above.`
+    : "This server needs an API key (401): type it above. It is kept only for this browser session.");
+}
+
+window.addEventListener("steerserve:unauthorized", (event) => showUnauthorized(event.detail));
 
 session.listeners.add(describeSession);
 window.addEventListener("hashchange", route);

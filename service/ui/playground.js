@@ -6,7 +6,7 @@
 import { api, loadedDictionaries, models, session, streamCompletion } from "./api.js";
 import {
   busy, clear, clearErrors, copyText, field, fmt, formError, h, hideTooltip, rovingTokens, select, showError,
-  showTooltip,
+  showTooltip, viewError,
 } from "./dom.js";
 import { editRow } from "./edits.js";
 import {
@@ -69,8 +69,7 @@ export async function render(root, { params }) {
   try {
     [served, dictionaries] = await Promise.all([models(), loadedDictionaries()]);
   } catch (err) {
-    root.append(h("p", { class: "form-error", role: "alert", text: err.describe ? err.describe() : String(err) }));
-    return null;
+    return viewError(root, "Playground", err);
   }
 
   // --- the form -------------------------------------------------------------------------------

@@ -52,7 +52,11 @@ export function featureSearch({ dictionary, onPick, label = "Search features", l
       clear(results, found.data.map((hit) => h("li", {},
         h("button", {
           type: "button", class: "hit", "data-feature": hit.feature,
-          onclick: () => { results.hidden = true; onPick(hit); },
+          onclick: () => {
+            results.hidden = true;
+            status.textContent = `picked feature ${hit.feature}`;
+            onPick(hit);
+          },
         },
         h("strong", { text: `#${hit.feature}` }), " ",
         h("span", { class: "hint", text: hitSummary(hit) }), h("br"),
