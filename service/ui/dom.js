@@ -176,7 +176,8 @@ export function rovingTokens(container, tokens, { onFocus, onPick, label } = {})
     tokens[i].setAttribute("tabindex", "0");
     onPick?.(tokens[i], i);
   }
-  container.addEventListener("keydown", (event) => {
+  // a property, not addEventListener: a container reused for new tokens keeps one handler
+  container.onkeydown = (event) => {
     const i = Number(document.activeElement?.dataset?.index ?? 0);
     const keys = { ArrowRight: i + 1, ArrowDown: i + 1, ArrowLeft: i - 1, ArrowUp: i - 1, Home: 0, End: tokens.length - 1 };
     if (event.key in keys) {
@@ -186,7 +187,7 @@ export function rovingTokens(container, tokens, { onFocus, onPick, label } = {})
       event.preventDefault();
       pick(i);
     }
-  });
+  };
   return { move, pick };
 }
 

@@ -138,7 +138,8 @@ export async function render(root, { params }) {
   function column(title, testid) {
     const progress = h("progress", { max: 1, value: 0, hidden: true });
     const status = h("span", { class: "hint", role: "status" });
-    const output = h("div", { class: "output", "data-testid": `${testid}-output`, "aria-live": "polite" });
+    const output = h("div", { class: "output", "data-testid": `${testid}-output`, "aria-live": "polite",
+      onmouseleave: hideTooltip, onfocusout: hideTooltip });
     const error = h("p", { class: "form-error", role: "alert", hidden: true });
     const pinned = h("div", { class: "pinned", hidden: true });
     const el = h("section", { class: "panel column", "data-testid": testid, "data-state": "idle" },
@@ -323,8 +324,6 @@ export async function render(root, { params }) {
           clear(col.pinned, describe(read.tokens[i]));
         },
       });
-      col.output.addEventListener("mouseleave", hideTooltip);
-      col.output.addEventListener("focusout", hideTooltip);
     } catch (err) {
       col.error.textContent = `token features: ${err.describe ? err.describe() : err}`;
       col.error.hidden = false;

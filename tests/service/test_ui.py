@@ -106,15 +106,23 @@ def test_a_steered_generation_streams_and_equals_the_api(page, server, shots):  
     assert float(cells[3]) == pytest.approx(entry["features"][0]["mean_before"], abs=1e-3)
     assert float(cells[4]) == pytest.approx(entry["features"][0]["mean_after"], abs=1e-3)
 
-    # hovering a generated token shows its top features, as /v1/inspect reads them
-    token = page.locator("[data-testid=steered-output] .tok.gen").filter(has_text=re.compile(r"\w")).last
-    expect(token).to_be_visible()
-    position = int(token.get_attribute("data-position"))
-    token.hover()
-    tooltip = page.get_by_role("tooltip")
-    expect(tooltip).to_be_visible()
+    # the tokens' top features, as /v1/inspect reads them: by keyboard (one tab stop, arrows move) ...
     read = requests.post(server + "/v1/inspect", json={"text": body["prompt"] + out["text"], "dictionary": DEFAULT,
                                                       "top_k": 5}, timeout=60).json()
+    tooltip = page.get_by_role("tooltip")
+    page.locator("[data-testid=steered-output] .tok").first.focus()
+    page.keyboard.press("ArrowRight")
+    page.keyboard.press("ArrowRight")
+    assert page.evaluate("document.activeElement.dataset.position") == "2"
+    expect(tooltip).to_be_visible()
+    assert tooltip.locator("a").all_text_contents() == [f"#{f['feature']}" for f in read["tokens"][2]["features"]]
+    page.keyboard.press("Tab")  # leave the tokens: the tooltip goes
+    expect(tooltip).to_be_hidden()
+    # ... and by hovering a generated token
+    token = page.locator("[data-testid=steered-output] .tok.gen").filter(has_text=re.compile(r"\w")).last
+    position = int(token.get_attribute("data-position"))
+    token.hover()
+    expect(tooltip).to_be_visible()
     assert tooltip.locator("a").all_text_contents() == [f"#{f['feature']}" for f in read["tokens"][position]["features"]]
     assert page.get_by_test_id("steered-output").text_content() == body["prompt"] + out["text"]
     page.screenshot(path=shots("playground"), full_page=True)
