@@ -81,8 +81,16 @@ def test_a_steered_generation_streams_and_equals_the_api(page, server, shots):  
             if (generated) window.__seen.push(generated.textContent);
         }).observe(column, {subtree: true, childList: true, characterData: true});
     }""")
+    # a slow link (Chromium's network emulation, 4 kB/s down), so that the events of the stream arrive
+    # apart in time whatever the machine's load, and the page has something to show in between
+    network = page.context.new_cdp_session(page)
+    network.send("Network.enable")
+    network.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0, "downloadThroughput": 4000,
+                                                      "uploadThroughput": -1})
     page.get_by_role("button", name="Generate").click()
     _wait_generated(page)
+    network.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0, "downloadThroughput": -1,
+                                                      "uploadThroughput": -1})
     shown = _texts(page)
 
     body = {"prompt": "If the file does not exist, the", "model": "pythia-tiny", "max_new_tokens": 20, "temperature": 0.8, "top_p": 1,
