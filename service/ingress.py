@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from ray import serve
 
 from service.access import AccessControl, keys_from_environment
+from service.feature_search import FeatureIndexes
 from service.http import METRICS, _unwrap, app, counted
 from service.jobs import JobStore
 from service.metrics import exposition
@@ -28,6 +29,7 @@ from service.protocol import ApiError, validation_param
 from service.routes.dictionaries import DictionaryRoutes
 from service.routes.generation import GenerationRoutes
 from service.routes.jobs import JobRoutes
+from service.ui import stored_dictionaries  # noqa: F401 - importing it mounts the page's routes on the app
 
 
 class HttpApi(GenerationRoutes, DictionaryRoutes, JobRoutes):
@@ -41,6 +43,7 @@ class HttpApi(GenerationRoutes, DictionaryRoutes, JobRoutes):
         self.jobs = JobStore()
         self.jobs.mark_interrupted()  # what a previous run left running cannot be finished now
         self.tasks: dict = {}  # job id -> Ray ObjectRef of its task
+        self.feature_indexes = FeatureIndexes()  # feature search, one index a dictionary (service/ui.py)
 
     def _allow(self, request: Request, role: str = "user") -> None:
         self.access.authorize(request.headers.get("authorization"), role)

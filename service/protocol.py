@@ -209,3 +209,85 @@ class TrainingJobRequest(_Model):
         if any(not 16 <= size <= 262144 for size in value):
             raise ValueError("each d_sae must be in [16, 262144]")
         return value
+
+
+# --- the browser page's additions: who am I, feature search ------------------------------------------
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorEnvelope(BaseModel):
+    """The body of every error answer."""
+
+    error: ErrorDetail
+
+
+def error_responses(*statuses: int) -> dict:
+    """OpenAPI ``responses`` entries for the error statuses a route returns."""
+    meaning = {400: "A parameter is wrong; `param` names it.", 401: "Missing or unknown API key.",
+               403: "The key's role may not do this.", 404: "No such resource; `param` names it.",
+               409: "The resource cannot serve this request in its present state; `param` names it.",
+               429: "The key is over its rate; see `Retry-After`.", 500: "A server fault (no stack trace)."}
+    return {status: {"model": ErrorEnvelope, "description": meaning[status]} for status in statuses}
+
+
+class WhoAmI(BaseModel):
+    """``GET /v1/whoami``: the caller's role, so a client can offer only what it may do."""
+
+    role: Literal["user", "admin"] = Field(description="On an open server (no keys configured): admin.")
+    name: str | None = Field(description="The key's name; null on an open server.")
+    open: bool = Field(description="True when the server has no API keys and everyone may do everything.")
+
+
+class ContextToken(BaseModel):
+    token: str
+    token_id: int
+    activation: float
+
+
+class LensToken(BaseModel):
+    token: str
+    token_id: int
+    value: float
+
+
+class FeatureSnippet(BaseModel):
+    """The top context where the feature fires most on a query word."""
+
+    context: int = Field(description="Which of the feature's top contexts (0 = the highest).")
+    text: str
+    match: list[int] = Field(description="[start, end) of the matching word in text, in characters.")
+    activation: float = Field(description="The feature's activation on the matching word (max over its tokens).")
+    max_activation: float = Field(description="The feature's maximum activation in this context.")
+    tokens: list[ContextToken]
+
+
+class FeatureHit(BaseModel):
+    feature: int
+    score: float = Field(description="Summed over query words: 2·(1 − 0.05·rank) for a promoted logit-lens "
+                                     "token, + activation on the word / max activation, + 0.1 a context; "
+                                     "prefix matches count half.")
+    density: float = Field(description="Firing density (fraction of tokens where the feature is active).")
+    mean_activation: float
+    max_activation: float
+    matched_terms: list[str]
+    promoted_matches: list[str] = Field(description="Promoted logit-lens tokens that match a query word.")
+    context_matches: int = Field(description="How many of the feature's top contexts hold a query word.")
+    snippet: FeatureSnippet | None
+    promoted: list[LensToken]
+
+
+class FeatureSearchResponse(BaseModel):
+    """``GET /v1/dictionaries/{name}/features?q=``: features ranked by matches of the query."""
+
+    object: Literal["list"] = "list"
+    dictionary: str
+    model: str
+    query: str
+    terms: list[str] = Field(description="The query's words (case-folded), as searched.")
+    matched: int = Field(description="How many features match at least one word (data holds at most limit).")
+    data: list[FeatureHit]

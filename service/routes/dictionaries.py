@@ -8,6 +8,7 @@ from fastapi import Request
 
 from service.http import app, counted, _unwrap
 from service.protocol import ApiError
+from service.ui import stored_dictionaries
 
 
 class DictionaryRoutes:
@@ -17,7 +18,9 @@ class DictionaryRoutes:
         self._allow(request)
         entries = []
         for handle in self.models.values():
-            entries += _unwrap(await handle.dictionaries.remote())
+            entries += [entry | {"deployed": True} for entry in _unwrap(await handle.dictionaries.remote())]
+        if request.query_params.get("stored") in ("true", "1"):  # also what is in the store, not deployed
+            entries += await asyncio.to_thread(stored_dictionaries, entries)
         return {"object": "list", "data": entries}
 
     @app.get("/v1/dictionaries/{name}")
@@ -123,6 +126,7 @@ class DictionaryRoutes:
                 raise ApiError(503, f"not every replica of {model_name!r} confirmed within 120 s "
                                     f"({progress['acknowledged']}/{progress['replicas']})", type="server_error")
             await asyncio.sleep(0.1)
+        self.feature_indexes.drop(name)  # the replicas reloaded it: search rebuilds from the store
         failures = {replica: errors[name] for replica, errors in progress["errors"].items() if name in errors}
         if deployed and failures:
             await actor.change.remote(model_name, name, False)  # roll back; nothing else changes
