@@ -8,6 +8,8 @@ import types
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from service.metrics import IngressMetrics
 from service.protocol import (
@@ -16,6 +18,7 @@ from service.protocol import (
     EvaluationJobRequest,
     GenerateRequest,
     InspectRequest,
+    ErrorEnvelope,
     TrainingJobRequest,
     error_body,
     validation_param,
@@ -42,6 +45,10 @@ def _openapi(served: FastAPI) -> dict:
         full = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(full.pop("$defs", {}))
         components[model.__name__] = full
+    components["ErrorEnvelope"] = ErrorEnvelope.model_json_schema(ref_template="#/components/schemas/{model}")
+    components.update(components["ErrorEnvelope"].pop("$defs", {}))
+    schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer",
+                                                          "description": "An API key: `Authorization: Bearer KEY`"}}
     return schema
 
 
@@ -81,6 +88,29 @@ async def _path_error(request: Request, err: RequestValidationError) -> JSONResp
     first = err.errors()[0] if err.errors() else {}
     return JSONResponse(error_body("invalid_request_error", first.get("msg", "invalid request"),
                                    validation_param(tuple(first.get("loc", ())))), status_code=400)
+
+
+@app.exception_handler(HTTPException)
+async def _framework_error(request: Request, err: HTTPException) -> JSONResponse:
+    """The router's own answers (no such route, a method the path does not take) in the envelope;
+    a 405's ``Allow`` lists every method any route on that path takes."""
+    headers = dict(err.headers or {})
+    if err.status_code == 405:
+        methods = set()
+        for candidate in request.app.router.routes:
+            match, _ = candidate.matches({**request.scope, "method": "GET"})
+            if match != Match.NONE and getattr(candidate, "methods", None):
+                methods |= set(candidate.methods)
+        if "GET" in methods:
+            methods.add("HEAD")
+        headers["Allow"] = ", ".join(sorted(methods))
+        message = f"{request.method} is not allowed here; allowed: {headers['Allow']}"
+    elif err.status_code == 404:
+        message = "no such route"
+    else:
+        message = str(err.detail)
+    kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+    return JSONResponse(error_body(kind, message), status_code=err.status_code, headers=headers)
 
 
 @app.exception_handler(Exception)

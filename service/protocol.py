@@ -42,6 +42,19 @@ class ApiError(Exception):
                    headers=data.get("headers"))
 
 
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+    param: str | None
+    code: str | None
+
+
+class ErrorEnvelope(BaseModel):
+    """Every error answer's body."""
+
+    error: ErrorDetail
+
+
 def error_body(type: str, message: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"type": type, "message": message, "param": param, "code": code}}
 
