@@ -154,6 +154,7 @@ class Client:
         with response:
             try:
                 for line in response.iter_lines(decode_unicode=True):
+                    line = line.decode("utf-8") if isinstance(line, bytes) else line  # no charset sent
                     if not line or not line.startswith("data: "):
                         continue
                     data = line[len("data: "):]

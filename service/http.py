@@ -68,8 +68,8 @@ def counted(method: str, endpoint: str):
             except ApiError as err:
                 status = err.status
                 raise
-            except Exception:
-                status = 500
+            except Exception as err:
+                status = 503 if replica_gone(err) else 500
                 raise
             finally:
                 METRICS.requests.labels(endpoint=endpoint, method=method, status=str(status)).inc()
@@ -113,8 +113,19 @@ async def _framework_error(request: Request, err: HTTPException) -> JSONResponse
     return JSONResponse(error_body(kind, message), status_code=err.status_code, headers=headers)
 
 
+def replica_gone(err: BaseException) -> bool:
+    """Whether ``err`` says the model replica behind a handle died or is unreachable."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    return isinstance(err, (ActorDiedError, ActorUnavailableError, RayActorError))
+
+
 @app.exception_handler(Exception)
 async def _server_error(request: Request, err: Exception) -> JSONResponse:
+    if replica_gone(err):
+        return JSONResponse(error_body("overloaded_error", "the model replica serving this request went away (it is "
+                                       "restarting); the request was not completed: retry shortly"),
+                            status_code=503, headers={"Retry-After": "5"})
     return JSONResponse(error_body("server_error", f"internal error ({type(err).__name__}); the request was not completed"),
                         status_code=500)
 

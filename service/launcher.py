@@ -28,7 +28,7 @@ class JobLauncher:
         from service.model_server import environment_for_workers
 
         job_id = await self._records(self.jobs.create, kind, request, owner, self.launcher_id)
-        task = ray.remote(num_cpus=1, max_retries=0)(getattr(jobs, work_name)).options(
+        task = ray.remote(num_cpus=self.limits.job_cpus, max_retries=0)(getattr(jobs, work_name)).options(
             runtime_env={"env_vars": environment_for_workers()}, name=f"steerserve-{job_id}")
         ref = task.remote(job_id, request)
         self.tasks[job_id] = ref

@@ -43,6 +43,8 @@ class Limits:
     """Prompt positions one prefill forward reads (longer prompts are read in chunks)."""
     max_jobs_per_key: int = 4
     """Evaluation and training jobs one API key may have queued or running at once; past it, 429."""
+    job_cpus: float = 1.0
+    """CPUs a job's Ray task reserves."""
 
     def scheduler_limits(self) -> SchedulerLimits:
         return SchedulerLimits(max_running_rows=self.max_running_rows, max_queued_requests=self.max_queued_requests,

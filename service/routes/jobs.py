@@ -24,10 +24,10 @@ logger = logging.getLogger(__name__)
 
 
 class JobRoutes(JobLauncher):
-    async def _records(self, fn, *args):
+    async def _records(self, fn, *args, **kwargs):
         """A job-store call in a worker thread; a database locked past the timeout is a 503."""
         try:
-            return await asyncio.to_thread(fn, *args)
+            return await asyncio.to_thread(fn, *args, **kwargs)
         except sqlite3.OperationalError as err:
             raise ApiError(503, f"the job records are busy ({err}); retry shortly", type="overloaded_error",
                            headers={"Retry-After": str(int(REQUEST_TIMEOUT_S))}) from None
