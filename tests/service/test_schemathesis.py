@@ -15,7 +15,7 @@ import requests
 
 from tests.service.conftest import ADMIN_KEY, USER_KEY, auth, start_keyed_app
 
-EXAMPLES = 12
+EXAMPLES = 100
 CONFIG = Path(__file__).with_name("schemathesis.toml")
 
 
@@ -24,9 +24,10 @@ def fuzzed(server):
     from service.app import delete_app
     from service.model_server import Limits
 
+    # the default body cap (64 KiB) is above what the schema lets a body hold; a short generation cap
+    # keeps generated requests cheap; one job a key, on half a CPU (the run cancels them after)
     url = start_keyed_app(server, "fuzzed", limits=Limits(max_new_tokens=4, max_prompt_tokens=64, max_edits=4,
-                                                         max_body_bytes=16384, max_jobs_per_key=1,
-                                                         max_upload_bytes=1 << 20))
+                                                         max_jobs_per_key=1, max_upload_bytes=1 << 20, job_cpus=0.5))
     yield url
     for kind in ("evaluations", "trainings"):  # what the fuzzer started: cancel it
         for job in requests.get(f"{url}/v1/{kind}", headers=auth(ADMIN_KEY), timeout=60).json()["data"]:
