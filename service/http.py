@@ -9,7 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
-from starlette.routing import Match
+from starlette.routing import get_route_path
 
 from service.metrics import IngressMetrics
 from service.protocol import (
@@ -45,6 +45,11 @@ def _openapi(served: FastAPI) -> dict:
         full = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(full.pop("$defs", {}))
         components[model.__name__] = full
+    for operations in schema.get("paths", {}).values():  # path parameters that fail are our 400, not FastAPI's 422
+        for operation in operations.values():
+            operation.get("responses", {}).pop("422", None)
+    for unused in ("HTTPValidationError", "ValidationError"):
+        components.pop(unused, None)
     components["ErrorEnvelope"] = ErrorEnvelope.model_json_schema(ref_template="#/components/schemas/{model}")
     components.update(components["ErrorEnvelope"].pop("$defs", {}))
     schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer",
@@ -96,13 +101,9 @@ async def _framework_error(request: Request, err: HTTPException) -> JSONResponse
     a 405's ``Allow`` lists every method any route on that path takes."""
     headers = dict(err.headers or {})
     if err.status_code == 405:
-        methods = set()
-        for candidate in request.app.router.routes:
-            match, _ = candidate.matches({**request.scope, "method": "GET"})
-            if match != Match.NONE and getattr(candidate, "methods", None):
-                methods |= set(candidate.methods)
-        if "GET" in methods:
-            methods.add("HEAD")
+        from service.routes.table import allowed_methods  # the route table imports this module
+
+        methods = allowed_methods(get_route_path(request.scope)) or set(headers.get("Allow", "").split(", ")) - {""}
         headers["Allow"] = ", ".join(sorted(methods))
         message = f"{request.method} is not allowed here; allowed: {headers['Allow']}"
     elif err.status_code == 404:

@@ -17,6 +17,14 @@ from service.protocol import ApiError
 from service.routes.table import route
 
 DEPLOY_WAIT_S = 120.0
+UPLOAD_BODY = {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["config.json", "sae.safetensors"], "additionalProperties": False,
+    "properties": {"config.json": {"type": "string", "format": "binary", "description": "steerserve.dictionary/1"},
+                   "sae.safetensors": {"type": "string", "format": "binary"},
+                   "metrics.json": {"type": "string", "format": "binary", "description": "a JSON object"}}}}}}
+DEPLOY_BODY = {"required": False, "content": {"application/json": {"schema": {
+    "type": "object", "additionalProperties": False,
+    "properties": {"model": {"type": ["string", "null"], "description": "Served model; default: the first one."}}}}}}
 
 
 class DictionaryRoutes:
@@ -35,7 +43,7 @@ class DictionaryRoutes:
     async def get_feature(self, name: str, index: int, request: Request) -> dict:
         return await self._first_with(name, lambda handle: handle.feature.remote(name, index))
 
-    @route("PUT", "/v1/dictionaries/{name}", role="admin", errors=(400, 413, 507))
+    @route("PUT", "/v1/dictionaries/{name}", role="admin", errors=(400, 413, 507), request_body=UPLOAD_BODY)
     async def upload_dictionary(self, name: str, request: Request) -> dict:
         """Install a native dictionary (multipart parts ``config.json`` and ``sae.safetensors``,
         optionally ``metrics.json``) into the store, fully validated and atomically. A bad upload
@@ -70,12 +78,12 @@ class DictionaryRoutes:
         return {"name": name, "installed": True, "sha256": version, "config": info["config"],
                 "note": "installed in the store; POST /v1/dictionaries/{name}/deploy serves it"}
 
-    @route("POST", "/v1/dictionaries/{name}/deploy", role="admin", errors=(400, 404, 409, 413, 503))
+    @route("POST", "/v1/dictionaries/{name}/deploy", role="admin", errors=(400, 404, 409, 503), request_body=DEPLOY_BODY)
     async def deploy_dictionary(self, name: str, request: Request) -> dict:
         """Serve the stored version of a dictionary on every replica of its model, without a restart."""
         return await self._set_deployed(name, request, True)
 
-    @route("DELETE", "/v1/dictionaries/{name}/deploy", role="admin", errors=(400, 404, 413, 503))
+    @route("DELETE", "/v1/dictionaries/{name}/deploy", role="admin", errors=(400, 404, 503), request_body=DEPLOY_BODY)
     async def undeploy_dictionary(self, name: str, request: Request) -> dict:
         """Unload a dictionary from every replica; requests naming it afterwards get a 4xx."""
         return await self._set_deployed(name, request, False)
@@ -86,7 +94,12 @@ class DictionaryRoutes:
             body = json.loads(raw) if raw.strip() else {}
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ApiError(400, f"the body is not valid JSON ({err})") from None
-        model = body.get("model") if isinstance(body, dict) else None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object (or empty)")
+        unknown = sorted(set(body) - {"model"})
+        if unknown:
+            raise ApiError(400, f"{unknown[0][:64]}: unexpected field; the only field is 'model'", param=unknown[0][:64])
+        model = body.get("model")
         if model is not None and not isinstance(model, str):
             raise ApiError(400, "model: must be a string", param="model")
         return await self._deploy(name, model, deployed)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+from starlette.routing import compile_path
+
 from service.http import _request_body, app, counted
 
 ENVELOPE_REF = {"$ref": "#/components/schemas/ErrorEnvelope"}
@@ -76,16 +78,20 @@ def _responses(spec: RouteSpec) -> dict:
 
 
 def route(method: str, path: str, *, role: str, errors: tuple[int, ...] = (), body=None, ok: int = 200,
-          streams: bool = False, media: str = "application/json"):
-    """Declare, guard, count and document a route method (see the module docstring)."""
+          streams: bool = False, media: str = "application/json", request_body: dict | None = None):
+    """Declare, guard, count and document a route method (see the module docstring). ``body``: the
+    pydantic model of a JSON body; ``request_body``: an OpenAPI requestBody for anything else."""
     if role not in ROLE_ERRORS:
         raise ValueError(f"role {role!r} is not one of {', '.join(ROLE_ERRORS)}")
-    statuses = tuple(sorted({*errors, *ROLE_ERRORS[role], 500} | ({413} if body is not None else set())))
+    reads_body = body is not None or request_body is not None
+    statuses = tuple(sorted({*errors, *ROLE_ERRORS[role], 500} | ({413} if reads_body else set())))
     spec = RouteSpec(method, path, role, statuses, ok, streams, media)
     if any((s.method, s.path) == (method, path) for s in ROUTES):
         raise ValueError(f"{method} {path} is declared twice")
     ROUTES.append(spec)
     extra = _request_body(body) if body is not None else {}
+    if request_body is not None:  # a body that is not one pydantic model (a multipart upload)
+        extra["requestBody"] = request_body
     if role != "public":
         extra["security"] = [{"bearer": []}]
 
@@ -101,6 +107,11 @@ def route(method: str, path: str, *, role: str, errors: tuple[int, ...] = (), bo
         return register(path, status_code=ok, responses=_responses(spec), openapi_extra=extra or None)(
             counted(method, path)(guarded))
     return wrap
+
+
+def allowed_methods(path: str) -> set[str]:
+    """Every method some route takes on ``path`` (a 405's ``Allow``)."""
+    return {spec.method for spec in ROUTES + list(PUBLIC_FRAMEWORK_ROUTES) if compile_path(spec.path)[0].match(path)}
 
 
 def markdown() -> str:

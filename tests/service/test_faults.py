@@ -236,3 +236,25 @@ def test_two_uploads_of_one_name_race(faults, tmp_path):
     assert deployed["sha256"] == hashlib.sha256(installed).hexdigest()
     assert set(deployed["served"].values()) == {deployed["sha256"]}
     assert _generate(faults, [{"dictionary": name, "feature": 1, "op": "ablate"}]).status_code == 200
+
+
+def test_a_job_whose_end_meets_a_locked_database_still_finishes(faults):
+    """The task's own write of its result fails (the lock outlasts its 30 s wait); the job must not
+    stay ``running``: the ingress records the result from the task's return value once it can."""
+    from service.jobs import jobs_path
+
+    created = requests.post(faults + "/v1/evaluations", headers=USER, timeout=60,
+                            json={"dictionary": DEFAULT, "tokens": 4096})
+    job_id = created.json()["id"]
+    record = lambda: requests.get(f"{faults}/v1/evaluations/{job_id}", headers=USER, timeout=60)  # noqa: E731
+    assert _until(lambda: record().json()["status"] == "running", 180)
+    holder = sqlite3.connect(jobs_path(), isolation_level=None, timeout=30)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        time.sleep(40)  # the task finishes its windows meanwhile; its progress and result writes meet the lock
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    final = _until(lambda: (r := record().json())["status"] not in ("queued", "running") and r, 120)
+    print(f"\njob end met a locked database: {final['status']}")
+    assert final["status"] == "succeeded" and final["result"]["ce"]["clean"]["mean"] > 0

@@ -130,7 +130,7 @@ def test_unknown_routes_answer_in_the_envelope(server, path):
 def test_a_wrong_method_answers_405_with_every_allowed_method(server):
     answer = requests.patch(f"{server}/v1/dictionaries/{DEFAULT}", timeout=60)
     assert answer.status_code == 405 and set(answer.json()) == {"error"}
-    assert set(answer.headers["Allow"].split(", ")) == {"GET", "HEAD", "PUT"}
+    assert set(answer.headers["Allow"].split(", ")) == {"GET", "PUT"}
     options = requests.options(f"{server}/v1/dictionaries/{DEFAULT}/deploy", timeout=60)
     assert options.status_code == 405 and set(options.headers["Allow"].split(", ")) == {"POST", "DELETE"}
 
@@ -167,9 +167,10 @@ def test_jobs_have_owners_and_a_quota(keyed):
     assert int(mine[2].headers["Retry-After"]) >= 1 and mine[2].json()["error"]["type"] == "rate_limit_error"
     ids = [m.json()["id"] for m in mine[:2]]
     try:
-        assert {j["id"] for j in requests.get(keyed + "/v1/evaluations", headers=alice, timeout=60).json()["data"]} \
-            == set(ids)
-        assert requests.get(keyed + "/v1/evaluations", headers=bob, timeout=60).json()["data"] == []
+        listed = requests.get(keyed + "/v1/evaluations", headers=alice, timeout=60).json()["data"]
+        assert set(ids) <= {j["id"] for j in listed} and {j["owner"] for j in listed} == {"alice"}
+        seen_by_bob = requests.get(keyed + "/v1/evaluations", headers=bob, timeout=60).json()["data"]
+        assert {j["owner"] for j in seen_by_bob} <= {"bob"} and not set(ids) & {j["id"] for j in seen_by_bob}
         assert requests.get(f"{keyed}/v1/evaluations/{ids[0]}", headers=bob, timeout=60).status_code == 404
         assert requests.delete(f"{keyed}/v1/evaluations/{ids[0]}", headers=bob, timeout=60).status_code == 404
         seen_by_admin = {j["id"] for j in requests.get(keyed + "/v1/evaluations", headers=root, timeout=60).json()["data"]}
@@ -206,3 +207,42 @@ def test_one_registry_an_app_even_when_built_again(keyed):
     answer = requests.post(keyed + "/v1/generate", json={"prompt": "x", "max_new_tokens": 2}, headers=auth(USER_KEY),
                            timeout=120)
     assert answer.status_code == 200
+
+
+# --- 7. a deploy waits for every running replica, not only those that spoke lately ---------------------
+
+def test_a_deploy_waits_for_a_running_replica_that_has_not_acknowledged(server):
+    import ray
+
+    from service.registry import Registry
+
+    actor = Registry.remote()
+    try:
+        version = ray.get(actor.change.remote("m", "d", "f" * 64))
+        ray.get(actor.ack.remote("m", "busy", version - 1, {}, {}))  # a replica still loading: an old version
+        ray.get(actor.ack.remote("m", "quick", version, {"d": "f" * 64}, {}))
+        progress = ray.get(actor.progress.remote("m", version, ["busy", "quick", "silent"]))
+        assert progress["waiting"] == ["busy", "silent"] and progress["acknowledged"] == 1
+        assert progress["replicas"] == 3 and progress["served"] == {"quick": {"d": "f" * 64}}
+    finally:
+        ray.kill(actor)
+
+
+# --- 7. an upload the client abandons leaves nothing behind ------------------------------------------
+
+def test_an_abandoned_upload_leaves_no_staging(server, tmp_path):
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    store, parts = DictionaryStore(), _files(tmp_path, 7, "abandon")
+    body, content_type = requests.models.RequestEncodingMixin._encode_files(parts, {})
+    address = urlparse(server)
+    with socket.create_connection((address.hostname, address.port), timeout=30) as sock:
+        sock.sendall((f"PUT /v1/dictionaries/abandoned HTTP/1.1\r\nHost: {address.netloc}\r\n"
+                      f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body[:4096])
+        time.sleep(1.0)  # the server has begun to receive it
+    deadline = time.time() + 60
+    while time.time() < deadline and list((store.root / ".staging").glob("upload-abandoned*")):
+        time.sleep(0.5)
+    assert not list((store.root / ".staging").glob("upload-abandoned*")) and "abandoned" not in store
