@@ -188,9 +188,12 @@ class EvaluationJobRequest(_Model):
 
     dictionary: str = Field(min_length=1, max_length=64)
     edits: list[EditSpec] = Field(default_factory=list, max_length=32)
-    corpus: str = Field(default="builtin:pydocs/heldout", min_length=1, max_length=512)
+    corpus: str = Field(default="builtin:pydocs/heldout", min_length=1, max_length=512,
+                        description="A corpus the server exposes, by name (optionally NAME/train or NAME/heldout "
+                                    "for a builtin one); never a path.")
     tokens: int = Field(default=32768, ge=128, le=4_000_000)
-    model: str | None = None
+    model: str | None = Field(default=None, description="A model the server serves; default: the dictionary's "
+                                                        "own when served, else the first one.")
 
 
 class TrainingJobRequest(_Model):

@@ -35,18 +35,18 @@ def fuzzed(server):
     delete_app("fuzzed")
 
 
-def _schemathesis(url: str, key: str) -> tuple[int, str]:
+def _schemathesis(url: str, key: str, workdir: Path) -> tuple[int, str]:
     command = [str(Path(sys.executable).with_name("st")), "--config-file", str(CONFIG), "run", url + "/openapi.json",
                "--url", url, "--checks", "all", "--max-examples", str(EXAMPLES), "--seed", "14",
                "--phases", "examples,coverage,fuzzing", "--generation-database", "none", "--workers", "2",
                "--request-timeout", "30", "--no-color", "-H", f"Authorization: Bearer {key}"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=workdir)  # its cache goes there
     return done.returncode, done.stdout + done.stderr
 
 
 @pytest.mark.parametrize("role, key", [("user", USER_KEY), ("admin", ADMIN_KEY)])
-def test_schemathesis_finds_nothing(fuzzed, role, key):
-    code, output = _schemathesis(fuzzed, key)
+def test_schemathesis_finds_nothing(fuzzed, role, key, tmp_path):
+    code, output = _schemathesis(fuzzed, key, tmp_path)
     operations = re.search(r"Selected: (\d+)/(\d+)", output)
     cases = re.search(r"(\d+) generated, (\d+) passed", output)
     print(f"\nschemathesis as {role}: {operations.group(1) if operations else '?'} operations, "
