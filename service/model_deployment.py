@@ -44,10 +44,10 @@ class ModelDeployment:
         from service.registry import HEARTBEAT_S, registry
 
         model = self.server.config.name
-        state, applied, errors = None, 0, {}
+        actor, state, applied, errors = None, None, 0, {}
         while True:
             try:
-                actor = registry(self.registry_name)
+                actor = actor or registry(self.registry_name)
                 if state is None:
                     state = ray.get(actor.initialise.remote(model, self.server.versions(), self.build))
                 if state["version"] != applied:
@@ -58,7 +58,8 @@ class ModelDeployment:
                 state = ray.get(actor.state.remote(model))
                 if state["token"] is None:  # a registry that lost its state learns it from the replicas again
                     state = None
-            except Exception:  # the registry restarting must not kill the replica
+            except Exception:  # the registry restarting must not kill the replica: find it again
+                actor = None
                 time.sleep(1.0)
 
     async def check_dictionary(self, name: str) -> dict:

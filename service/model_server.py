@@ -256,7 +256,8 @@ class ModelServer:
         return {"id": self.config.name, "object": "model", "created": 0, "owned_by": "steerserve",
                 "n_layers": info.n_layers, "d_model": info.d_model, "vocab_size": info.vocab_size,
                 "sha256": info.sha256, "dtype": info.dtype, "device": info.device,
-                "dictionaries": sorted(self.engine.dictionaries), "limits": asdict(self.limits)}
+                "dictionaries": sorted(self.engine.dictionaries), "dictionary_sha256": self.versions(),
+                "limits": asdict(self.limits)}
 
     def dictionary_summary(self, name: str) -> dict:
         """The dictionary as this replica serves it (not as the store may hold it by now)."""
