@@ -4,8 +4,12 @@ control; it holds a ``DeploymentHandle`` to each model deployment.
     client ─HTTP─► Ingress ─DeploymentHandle─► ModelDeployment (one a model)
 
 The routes live in :mod:`service.routes` by concern (generation, dictionaries, jobs) as
-mixins; :class:`HttpApi` composes them and provides what they share (access checks, body
-parsing, the model handles), and ``Ingress`` is that class as a Serve deployment.
+mixins, each declared with :func:`service.routes.table.route` (its role and statuses, once);
+upload parsing is :mod:`service.uploads`, job launching :mod:`service.launcher`.
+:class:`HttpApi` composes them and provides what they share (the access check, body reading
+counted as it arrives, the model handles), and ``Ingress`` is that class as a Serve
+deployment. It receives API keys as digests only, and refuses to start without keys when
+Serve listens on anything but loopback.
 
 ``HttpApi`` stays importable under its own name (the deployment is a separate name) so that
 Serve pickles it by reference: the replica imports this module, so every route method and

@@ -15,6 +15,7 @@ declared with ``@route``; the access-matrix test then asks for a probe request f
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass
 
 from starlette.routing import compile_path
@@ -96,6 +97,9 @@ def route(method: str, path: str, *, role: str, errors: tuple[int, ...] = (), bo
         extra["security"] = [{"bearer": []}]
 
     def wrap(fn):
+        if role != "public" and "request" not in inspect.signature(fn).parameters:
+            raise TypeError(f"{method} {path}: a {role} route takes `request: Request` (the access check reads it)")
+
         @functools.wraps(fn)
         async def guarded(self, *args, **kwargs):
             if role != "public":

@@ -63,6 +63,14 @@ def test_every_route_has_a_probe():
     assert declared == set(PROBES), f"routes without a probe: {declared - set(PROBES)}; stale: {set(PROBES) - declared}"
 
 
+def test_every_served_operation_is_declared_in_the_table(keyed):
+    """A route added with a bare ``@app.<method>`` (no ``@route``) would escape the access check's
+    single source and this matrix: it must not exist."""
+    schema = requests.get(keyed + "/openapi.json", timeout=60).json()
+    served = {(method.upper(), path) for path, operations in schema["paths"].items() for method in operations}
+    assert served == {(spec.method, spec.path) for spec in table.ROUTES}
+
+
 def test_the_access_matrix(keyed):
     outcomes = []
     for spec in all_routes():
