@@ -7,8 +7,12 @@
     out["text"], out["baseline"]["text"], out["edit_report"]
     for chunk in client.complete("def main(", max_tokens=16, stream=True): ...
 
-Connection errors and 503s are retried with exponential backoff; any other error raises
-:class:`SteerserveError`, which carries the server's error envelope.
+Calls that are safe to repeat (GET, PUT, DELETE) are retried after a connection error; a
+POST is not (a job could start twice). A 503 or 429 with ``Retry-After`` means the server
+refused the request without doing anything, so every call retries those, after the time
+it asks for. Any other error raises :class:`SteerserveError`, which carries the server's
+error envelope; a stream that ends without ``[DONE]``, or with an error event, raises
+:class:`StreamError` (output cut short never looks complete).
 """
 
 from __future__ import annotations
@@ -30,6 +34,19 @@ class SteerserveError(Exception):
         self.message = error.get("message") or text or f"HTTP {status}"
         self.param = error.get("param")
         super().__init__(f"{status} {self.type}: {self.message}" + (f" (param: {self.param})" if self.param else ""))
+
+
+class StreamError(SteerserveError):
+    """A stream that ended abnormally: an error event, or no ``[DONE]``; ``received`` holds the
+    events that did arrive."""
+
+    def __init__(self, body: dict | None, text: str, received: list[dict]):
+        super().__init__(0, body, text)
+        self.received = received
+
+
+IDEMPOTENT = ("GET", "HEAD", "PUT", "DELETE", "OPTIONS")
+REFUSED = (429, 503)  # answered with Retry-After: nothing was done, the call may be repeated
 
 
 def Ablate(dictionary: str, feature: int, positions: str = "all") -> dict:  # noqa: N802 - reads like a type
@@ -62,14 +79,16 @@ class Client:
     def _request(self, method: str, path: str, body: dict | None = None, *, stream: bool = False,
                  files: dict | None = None) -> requests.Response:
         for attempt in range(self.retries + 1):
+            wait = self.backoff * 2**attempt
             try:
                 response = self.session.request(method, self.base_url + path, json=body, files=files,
                                                 timeout=self.timeout, stream=stream)
             except requests.ConnectionError:
-                if attempt == self.retries:
+                if attempt == self.retries or method.upper() not in IDEMPOTENT:
                     raise
             else:
-                if response.status_code != 503 or attempt == self.retries:
+                refused = response.status_code in REFUSED and response.headers.get("Retry-After", "").isdigit()
+                if not refused or attempt == self.retries:
                     if response.status_code >= 400:
                         try:
                             payload = response.json()
@@ -77,7 +96,9 @@ class Client:
                             payload = None
                         raise SteerserveError(response.status_code, payload, response.text[:500])
                     return response
-            time.sleep(self.backoff * 2**attempt)
+                wait = max(wait, min(60.0, float(response.headers["Retry-After"])))
+                response.close()
+            time.sleep(wait)
         raise AssertionError("unreachable")
 
     def _json(self, method: str, path: str, body: dict | None = None) -> dict:
@@ -127,14 +148,27 @@ class Client:
 
     @staticmethod
     def _events(response: requests.Response) -> Iterator[dict]:
+        """The stream's events; :class:`StreamError` on an error event or when it ends (or the
+        connection breaks) before ``[DONE]``."""
+        received = []
         with response:
-            for line in response.iter_lines(decode_unicode=True):
-                if not line or not line.startswith("data: "):
-                    continue
-                data = line[len("data: "):]
-                if data == "[DONE]":
-                    return
-                yield json.loads(data)
+            try:
+                for line in response.iter_lines(decode_unicode=True):
+                    line = line.decode("utf-8") if isinstance(line, bytes) else line  # no charset sent
+                    if not line or not line.startswith("data: "):
+                        continue
+                    data = line[len("data: "):]
+                    if data == "[DONE]":
+                        return
+                    event = json.loads(data)
+                    if isinstance(event, dict) and "error" in event:
+                        raise StreamError(event, "", received)
+                    received.append(event)
+                    yield event
+            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as err:
+                raise StreamError(None, f"the stream broke before [DONE] ({type(err).__name__}); the output is "
+                                        "incomplete", received) from err
+        raise StreamError(None, "the stream ended without [DONE]; the output is incomplete", received)
 
     def push(self, directory: str, name: str) -> dict:
         """Upload a native dictionary directory (admin); the store validates it fully."""

@@ -108,9 +108,10 @@ def add_commands(commands) -> None:
     parser.add_argument("--dictionary", required=True)
     parser.add_argument("--edit", action="append", help="DICT:FEATURE:OP[:VALUE], repeatable")
     parser.add_argument("--feature", type=int, help="report one feature's ablation effect and logit lens instead")
-    parser.add_argument("--corpus", default="builtin:pydocs/heldout")
+    parser.add_argument("--corpus", default="builtin:pydocs/heldout",
+                        help="locally a corpus spec; with --server a corpus the server exposes, by name")
     parser.add_argument("--tokens", type=int, default=32768)
-    parser.add_argument("--model", help="default: the model the dictionary was trained on")
+    parser.add_argument("--model", help="default: the model the dictionary was trained on (with --server: a served model)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--write-metrics", action="store_true", help="store the results in the dictionary's metrics.json")

@@ -43,11 +43,14 @@ def file_sha256(path: Path) -> str:
 def read_json(path: Path, what: str | None = None) -> dict:
     what = what or Path(path).name
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DictionaryError(f"{what}: file is missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DictionaryError(f"{what}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise DictionaryError(f"{what}: must be a JSON object, not {type(data).__name__}")
+    return data
 
 
 def read_safetensors(path: Path, what: str | None = None) -> dict[str, torch.Tensor]:
@@ -104,6 +107,9 @@ def load_dictionary(path: Path | str, *, device: str | torch.device = "cpu", dty
             raise DictionaryError(f"{WEIGHTS_FILE}: SHA-256 {actual[:12]}… does not match config.json's weights_sha256 {config.weights_sha256[:12]}…")
     weights = read_safetensors(weights_path)
     validate_weights(config, weights)
+    for optional in (METRICS_FILE, "features.json"):
+        if (path / optional).is_file():
+            read_json(path / optional)  # an object, or the dictionary is refused
     dictionary = Dictionary.from_config(config, weights)
     if dtype is not None:
         dictionary = dictionary.to(TORCH_DTYPES[dtype])

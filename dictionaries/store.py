@@ -6,8 +6,11 @@ Each name is a symbolic link to an immutable object directory:
       l2-relu-1k -> .objects/l2-relu-1k.5f0c…/      config.json, sae.safetensors, metrics.json, …
       .objects/
 
-A ``put`` writes and fsyncs a new object directory, loads it back through the full
-validation, and only then swaps the link with one atomic ``rename``. A crash at any point
+A ``put`` writes and fsyncs a new directory under ``.staging/``, loads it back through the
+full validation, and only then, holding the store's lock (``.lock``), moves it under
+``.objects/`` and swaps the link with one atomic ``rename``; the object the name pointed at
+before is removed. Two puts of one name race safely: the last one to take the lock wins, whole,
+and nothing of the other is left behind. A crash at any point
 leaves either the old dictionary or the new one under the name, never a half-written or
 mixed one; a dictionary that fails validation is never installed, and the one already
 there keeps working. Names are ``[a-z0-9][a-z0-9._-]{0,63}``; anything else (path
@@ -19,10 +22,13 @@ the compatibility check takes the model's facts as plain values.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 import shutil
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +41,7 @@ from dictionaries.format import (
     METRICS_FILE,
     OPTIONAL_FILES,
     WEIGHTS_FILE,
+    file_sha256,
     load_dictionary,
     read_json,
     save_dictionary,
@@ -43,6 +50,9 @@ from dictionaries.sae import Dictionary
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 OBJECTS = ".objects"
+STAGING = ".staging"
+STALE_AFTER_S = 3600.0
+"""Staging left this long (by a crash or a killed process) is garbage for :meth:`cleanup`."""
 
 
 class DictionaryNotFound(DictionaryError, LookupError):
@@ -80,6 +90,26 @@ class DictionaryStore:
         objects.mkdir(parents=True, exist_ok=True)
         return objects
 
+    def staging_dir(self, prefix: str) -> Path:
+        """A fresh directory under ``.staging/`` (same file system as the objects): for a put, or
+        for an upload being received. :meth:`cleanup` removes the ones left behind."""
+        root = self.root / STAGING
+        root.mkdir(parents=True, exist_ok=True)
+        path = root / f"{prefix}.{uuid.uuid4().hex[:12]}"
+        path.mkdir()
+        return path
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """The store's lock (an ``flock`` on ``.lock``): swaps and cleanups, across processes."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a+b") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     # --- reading -----------------------------------------------------------------------
 
     def names(self) -> list[str]:
@@ -104,10 +134,13 @@ class DictionaryStore:
 
     def info(self, name: str) -> dict:
         """Config, metrics (if any) and the files present, as plain JSON-able data."""
-        path = self.path(name)
+        return {"name": name, **self.describe(self.path(name))}
+
+    @staticmethod
+    def describe(path: Path) -> dict:
+        """Config, metrics (if any) and files of one object directory."""
         metrics_path = path / METRICS_FILE
         return {
-            "name": name,
             "config": read_json(path / CONFIG_FILE),
             "metrics": read_json(metrics_path) if metrics_path.is_file() else None,
             "files": sorted(p.name for p in path.iterdir()),
@@ -115,6 +148,15 @@ class DictionaryStore:
 
     def load(self, name: str, *, device: str | torch.device = "cpu", dtype: str | None = None) -> Dictionary:
         return load_dictionary(self.path(name), device=device, dtype=dtype)
+
+    @staticmethod
+    def load_path(path: Path, *, device: str | torch.device = "cpu", dtype: str | None = None) -> Dictionary:
+        """Load one resolved object directory (from :meth:`path`)."""
+        return load_dictionary(path, device=device, dtype=dtype)
+
+    def version(self, name: str) -> str:
+        """The stored version of ``name``: its weights' SHA-256 (what a deploy serves)."""
+        return file_sha256(self.path(name) / WEIGHTS_FILE)
 
     # --- writing -----------------------------------------------------------------------
 
@@ -129,9 +171,8 @@ class DictionaryStore:
         for filename in extra_files or {}:
             if filename not in OPTIONAL_FILES:
                 raise DictionaryError(f"file {filename!r} is not part of a dictionary; allowed: {', '.join(OPTIONAL_FILES)}")
-        staging = self._objects() / f"{name}.{uuid.uuid4().hex[:12]}"
+        staging = self.staging_dir(name)
         try:
-            staging.mkdir()
             if isinstance(source, Dictionary):
                 save_dictionary(source, staging, metrics=metrics)
             else:
@@ -149,7 +190,11 @@ class DictionaryStore:
                     os.fsync(stream.fileno())
             _fsync_dir(staging)
             load_dictionary(staging)  # what is installed is exactly what was validated
-            self._swap(name, staging)
+            with self._locked():
+                installed = self._objects() / staging.name
+                staging.rename(installed)
+                staging = installed
+                self._swap(name, installed)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -188,25 +233,33 @@ class DictionaryStore:
     def delete(self, name: str) -> None:
         target = self.path(name)
         link = self.root / name
-        if link.is_symlink():
-            link.unlink()
-            shutil.rmtree(target, ignore_errors=True)
-        else:
-            shutil.rmtree(link)
+        with self._locked():
+            if link.is_symlink():
+                link.unlink()
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                shutil.rmtree(link)
 
-    def cleanup(self) -> list[str]:
-        """Remove object directories no name points at (left by a crash mid-put)."""
-        objects = self.root / OBJECTS
-        if not objects.is_dir():
+    def cleanup(self, stale_after: float = STALE_AFTER_S) -> list[str]:
+        """Remove object directories no name points at (left by a crash mid-put), and staging
+        directories older than ``stale_after`` seconds (younger ones may be a put in progress)."""
+        if not self.root.is_dir():
             return []
-        in_use = {(self.root / n).resolve() for n in self.names()}
         removed = []
-        for candidate in objects.iterdir():
-            if candidate.resolve() not in in_use:
-                shutil.rmtree(candidate, ignore_errors=True)
-                removed.append(candidate.name)
-        for stray in self.root.glob(".link-*"):
-            stray.unlink(missing_ok=True)
+        with self._locked():
+            objects = self.root / OBJECTS
+            in_use = {(self.root / n).resolve() for n in self.names()}
+            for candidate in sorted(objects.iterdir()) if objects.is_dir() else ():
+                if candidate.resolve() not in in_use:
+                    shutil.rmtree(candidate, ignore_errors=True)
+                    removed.append(candidate.name)
+            staging, now = self.root / STAGING, time.time()
+            for candidate in sorted(staging.iterdir()) if staging.is_dir() else ():
+                if now - candidate.stat().st_mtime >= stale_after:
+                    shutil.rmtree(candidate, ignore_errors=True)
+                    removed.append(f"{STAGING}/{candidate.name}")
+            for stray in self.root.glob(".link-*"):
+                stray.unlink(missing_ok=True)
         return removed
 
 

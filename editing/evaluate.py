@@ -90,6 +90,10 @@ def evaluate(loaded, dictionaries: dict, dictionary: str, *, edits: list[EditSpe
         raise EditError(f"unknown dictionary {dictionary!r} (loaded: {', '.join(sorted(dictionaries)) or 'none'})",
                         "dictionary")
     edits = validate_edits(edits, dictionaries)
+    for index, edit in enumerate(edits):
+        if edit.positions == "generated":
+            raise EditError(f"edits[{index}].positions: an evaluation scores given text, which has no generated "
+                            "positions; use 'all' or 'prompt'", f"edits[{index}].positions")
     sae = dictionaries[dictionary]
     model, device = loaded.model, next(loaded.model.parameters()).device
     hook = sae.config.hook

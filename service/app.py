@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from service.jobs import DEFAULT_CORPORA
 from service.model_server import Limits, ModelConfig, environment_for_workers
 
 
@@ -35,7 +36,10 @@ class AppArgs(BaseModel):
     api_keys: list[dict] | None = Field(default=None, description="[{key, role, name, rate_per_minute}]; "
                                         "None: from STEERSERVE_API_KEYS(_FILE); none at all: open (loopback only)")
     registry: str | None = Field(default=None, description="Name of the hot-deployment registry actor; "
-                                 "default: a new one for this app")
+                                 "default: registry-<application name>")
+    corpora: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_CORPORA), description=(
+        "The corpora evaluation jobs may name: {name: source}, the source a 'builtin:' corpus or a file or "
+        "directory on the server (admin-registered; callers see names only)"))
     limits: Limits = Field(default_factory=Limits)  # the dataclass itself: pydantic validates its fields
 
 
@@ -44,9 +48,13 @@ def build_app(args: dict | AppArgs):
     from service.ingress import Ingress
     from service.model_deployment import ModelDeployment
 
+    from service.access import require_keys_off_loopback, resolve_keys
+
     args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
     limits = args.limits
-    registry_name = args.registry or f"registry-{uuid.uuid4().hex[:12]}"
+    keys = resolve_keys(args.api_keys)  # digests only from here on
+    require_keys_off_loopback(serve_http_host(), keys)
+    build = uuid.uuid4().hex[:12]  # this build: its replicas share the registry's state, a new build resets it
     handles = {}
     for model in args.models:
         config = ModelConfig(name=model.name, dictionaries=tuple(model.dictionaries), device=model.device,
@@ -63,9 +71,35 @@ def build_app(args: dict | AppArgs):
             max_ongoing_requests=limits.max_running_rows + limits.max_queued_requests + 32,
             ray_actor_options={"num_cpus": model.num_cpus, "num_gpus": model.num_gpus, "runtime_env": {"env_vars": env}},
         )
-        handles[model.name] = deployment.bind(config.__dict__, limits.__dict__, registry_name)
+        handles[model.name] = deployment.bind(config.__dict__, limits.__dict__, args.registry, build)
     ingress = Ingress.options(ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": environment_for_workers()}})
-    return ingress.bind(handles, limits.__dict__, args.api_keys, registry_name)
+    return ingress.bind(handles, limits.__dict__, keys, args.registry, args.corpora)
+
+
+def serve_http_host() -> str | None:
+    """The host Serve's HTTP proxies listen on, when Serve is running (None otherwise)."""
+    try:
+        import ray
+        from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+        if not ray.is_initialized():
+            return None
+        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        return ray.get(controller.get_http_config.remote(), timeout=30).host
+    except ValueError:  # no controller: Serve is not started yet
+        return None
+
+
+def delete_app(name: str) -> None:
+    """Delete a running application and its registry actor."""
+    import ray
+    from ray import serve
+
+    serve.delete(name)
+    try:
+        ray.kill(ray.get_actor(f"registry-{name}", namespace="steerserve"))
+    except ValueError:
+        pass
 
 
 def _safe(name: str) -> str:
@@ -91,6 +125,9 @@ def run(args: AppArgs, *, host: str = "127.0.0.1", port: int = 8000, name: str =
     """Start Ray and the app on ``host:port``; return the base URL."""
     from ray import serve
 
+    from service.access import require_keys_off_loopback, resolve_keys
+
+    require_keys_off_loopback(host, resolve_keys(args.api_keys))  # before anything listens
     start_ray(temp_dir)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(args), name=name, route_prefix="/", blocking=False)

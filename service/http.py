@@ -8,6 +8,8 @@ import types
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.routing import get_route_path
 
 from service.metrics import IngressMetrics
 from service.protocol import (
@@ -16,6 +18,7 @@ from service.protocol import (
     EvaluationJobRequest,
     GenerateRequest,
     InspectRequest,
+    ErrorEnvelope,
     TrainingJobRequest,
     error_body,
     validation_param,
@@ -42,6 +45,15 @@ def _openapi(served: FastAPI) -> dict:
         full = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(full.pop("$defs", {}))
         components[model.__name__] = full
+    for operations in schema.get("paths", {}).values():  # path parameters that fail are our 400, not FastAPI's 422
+        for operation in operations.values():
+            operation.get("responses", {}).pop("422", None)
+    for unused in ("HTTPValidationError", "ValidationError"):
+        components.pop(unused, None)
+    components["ErrorEnvelope"] = ErrorEnvelope.model_json_schema(ref_template="#/components/schemas/{model}")
+    components.update(components["ErrorEnvelope"].pop("$defs", {}))
+    schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer",
+                                                          "description": "An API key: `Authorization: Bearer KEY`"}}
     return schema
 
 
@@ -61,8 +73,8 @@ def counted(method: str, endpoint: str):
             except ApiError as err:
                 status = err.status
                 raise
-            except Exception:
-                status = 500
+            except Exception as err:
+                status = 503 if replica_gone(err) else 500
                 raise
             finally:
                 METRICS.requests.labels(endpoint=endpoint, method=method, status=str(status)).inc()
@@ -83,8 +95,38 @@ async def _path_error(request: Request, err: RequestValidationError) -> JSONResp
                                    validation_param(tuple(first.get("loc", ())))), status_code=400)
 
 
+@app.exception_handler(HTTPException)
+async def _framework_error(request: Request, err: HTTPException) -> JSONResponse:
+    """The router's own answers (no such route, a method the path does not take) in the envelope;
+    a 405's ``Allow`` lists every method any route on that path takes."""
+    headers = dict(err.headers or {})
+    if err.status_code == 405:
+        from service.routes.table import allowed_methods  # the route table imports this module
+
+        methods = allowed_methods(get_route_path(request.scope)) or set(headers.get("Allow", "").split(", ")) - {""}
+        headers["Allow"] = ", ".join(sorted(methods))
+        message = f"{request.method} is not allowed here; allowed: {headers['Allow']}"
+    elif err.status_code == 404:
+        message = "no such route"
+    else:
+        message = str(err.detail)
+    kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+    return JSONResponse(error_body(kind, message), status_code=err.status_code, headers=headers)
+
+
+def replica_gone(err: BaseException) -> bool:
+    """Whether ``err`` says the model replica behind a handle died or is unreachable."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    return isinstance(err, (ActorDiedError, ActorUnavailableError, RayActorError))
+
+
 @app.exception_handler(Exception)
 async def _server_error(request: Request, err: Exception) -> JSONResponse:
+    if replica_gone(err):
+        return JSONResponse(error_body("overloaded_error", "the model replica serving this request went away (it is "
+                                       "restarting); the request was not completed: retry shortly"),
+                            status_code=503, headers={"Retry-After": "5"})
     return JSONResponse(error_body("server_error", f"internal error ({type(err).__name__}); the request was not completed"),
                         status_code=500)
 

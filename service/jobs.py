@@ -13,21 +13,52 @@ training job with ``deploy: true``, to deploy the new dictionary when it succeed
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import time
 import uuid
 from pathlib import Path
 
+logger = logging.getLogger(__name__)
+
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED = ("succeeded", "failed", "cancelled")
+DEFAULT_CORPORA = {"builtin:pydocs": "builtin:pydocs"}
+"""The corpora evaluation jobs may name when the app config registers none: name -> source."""
+REQUEST_TIMEOUT_S = 5.0
+"""How long a request waits for a locked database before it answers 503 (it never blocks the loop)."""
+PROGRESS_TIMEOUT_S = 1.0
+"""How long a job's progress write waits for the lock before it skips that update."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, kind TEXT NOT NULL, status TEXT NOT NULL, request TEXT NOT NULL,
     progress REAL NOT NULL DEFAULT 0, message TEXT, result TEXT, error TEXT,
-    created REAL NOT NULL, started REAL, finished REAL
+    created REAL NOT NULL, started REAL, finished REAL, owner TEXT, launcher TEXT
 )"""
+_COLUMNS_ADDED = (("owner", "TEXT"), ("launcher", "TEXT"))  # databases older than these columns get them
+
+
+def resolve_corpus(name: str, corpora: dict[str, str]) -> str:
+    """The corpus spec for an exposed corpus ``name`` (optionally ``name/train|heldout`` for a
+    builtin one, or ``name#split``); ``ValueError`` naming only the exposed names otherwise."""
+    from editing.corpora import SPLITS
+
+    base, split = name, None
+    if name not in corpora:
+        if "#" in name:
+            base, split = name.rsplit("#", 1)
+        elif "/" in name:
+            base, split = name.rsplit("/", 1)
+    if base not in corpora or (split is not None and split not in SPLITS):
+        exposed = ", ".join(sorted(corpora)) or "none"
+        raise ValueError(f"this server exposes the corpora {exposed} (a builtin one also as NAME/train or "
+                         f"NAME/heldout); the corpus named is not one of them")
+    source = corpora[base]
+    if split is None:
+        return source
+    return f"{source}/{split}" if source.startswith("builtin:") and "/" not in source else f"{source}#{split}"
 
 
 def jobs_path() -> Path:
@@ -42,18 +73,40 @@ class JobStore:
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(_SCHEMA)
+            present = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+            for column, kind in _COLUMNS_ADDED:
+                if column not in present:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
 
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+    def _connect(self, timeout: float = 30.0) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
         db.row_factory = sqlite3.Row
         return db
 
-    def create(self, kind: str, request: dict) -> str:
+    def create(self, kind: str, request: dict, owner: str | None = None, launcher: str | None = None) -> str:
         job_id = f"{kind[:4]}-{uuid.uuid4().hex[:16]}"
-        with self._connect() as db:
-            db.execute("INSERT INTO jobs (id, kind, status, request, created) VALUES (?, ?, 'queued', ?, ?)",
-                       (job_id, kind, json.dumps(request), time.time()))
+        with self._connect(REQUEST_TIMEOUT_S) as db:
+            db.execute("INSERT INTO jobs (id, kind, status, request, created, owner, launcher) "
+                       "VALUES (?, ?, 'queued', ?, ?, ?, ?)", (job_id, kind, json.dumps(request), time.time(), owner,
+                                                             launcher))
         return job_id
+
+    def active(self, owner: str) -> int:
+        """The owner's jobs that are queued or running (the quota counts these)."""
+        with self._connect(REQUEST_TIMEOUT_S) as db:
+            return db.execute("SELECT COUNT(*) FROM jobs WHERE owner = ? AND status IN ('queued', 'running')",
+                              (owner,)).fetchone()[0]
+
+    def progress(self, job_id: str, fraction: float, message: str) -> bool:
+        """A job's progress; a write that finds the database locked is skipped (the next one
+        will say more), never an error that stops the job."""
+        try:
+            with self._connect(PROGRESS_TIMEOUT_S) as db:
+                db.execute("UPDATE jobs SET progress = ?, message = ? WHERE id = ?", (fraction, message, job_id))
+            return True
+        except sqlite3.OperationalError as err:
+            logger.warning("job %s: progress not recorded (%s)", job_id, err)
+            return False
 
     def start(self, job_id: str) -> bool:
         """queued → running; False if the job was cancelled or failed meanwhile."""
@@ -80,13 +133,19 @@ class JobStore:
         return bool(changed)
 
     def get(self, job_id: str) -> dict | None:
-        with self._connect() as db:
+        with self._connect(REQUEST_TIMEOUT_S) as db:
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return self._public(row) if row else None
 
-    def list(self, kind: str, limit: int = 100) -> list[dict]:
-        with self._connect() as db:
-            rows = db.execute("SELECT * FROM jobs WHERE kind = ? ORDER BY created DESC LIMIT ?", (kind, limit)).fetchall()
+    def list(self, kind: str, limit: int = 100, owner: str | None = None) -> list[dict]:
+        """The newest jobs of ``kind`` (only ``owner``'s when given)."""
+        with self._connect(REQUEST_TIMEOUT_S) as db:
+            if owner is None:
+                rows = db.execute("SELECT * FROM jobs WHERE kind = ? ORDER BY created DESC LIMIT ?",
+                                  (kind, limit)).fetchall()
+            else:
+                rows = db.execute("SELECT * FROM jobs WHERE kind = ? AND owner = ? ORDER BY created DESC LIMIT ?",
+                                  (kind, owner, limit)).fetchall()
         return [self._public(row) for row in rows]
 
     def counts(self) -> dict[tuple[str, str], int]:
@@ -103,7 +162,8 @@ class JobStore:
 
     @staticmethod
     def _public(row: sqlite3.Row) -> dict:
-        return {"id": row["id"], "kind": row["kind"], "status": row["status"], "progress": row["progress"],
+        return {"id": row["id"], "kind": row["kind"], "owner": row["owner"], "launcher": row["launcher"],
+                "status": row["status"], "progress": row["progress"],
                 "message": row["message"], "request": json.loads(row["request"]),
                 "result": json.loads(row["result"]) if row["result"] else None, "error": row["error"],
                 "created": row["created"], "started": row["started"], "finished": row["finished"]}
@@ -124,18 +184,26 @@ def run_evaluation(job_id: str, request: dict) -> dict:
     jobs = JobStore()
     if not jobs.start(job_id):
         return {}
-    jobs.update(job_id, message="loading the model")
+    jobs.progress(job_id, 0.0, "loading the model")
     store = DictionaryStore()
     edits = [EditSpec(**edit) for edit in request.get("edits", [])]
     names = {request["dictionary"]} | {edit.dictionary for edit in edits}
-    model = request.get("model") or store.config(request["dictionary"]).model_name or "pythia-tiny"
-    loaded = load_model(model, progress=False)
+    loaded = load_model(request["model"], progress=False)  # a served model, checked at submission
     dictionaries = {name: store.load(name) for name in names}
-    report = evaluate(loaded, dictionaries, request["dictionary"], edits=edits, corpus=request["corpus"],
-                      tokens=request["tokens"],
-                      progress=lambda fraction, message: jobs.update(job_id, progress=fraction, message=message))
-    jobs.finish(job_id, "succeeded", progress=1.0, message="done", result=report)
+    report = evaluate(loaded, dictionaries, request["dictionary"], edits=edits, corpus=request["corpus_source"],
+                      tokens=request["tokens"], progress=lambda fraction, message: jobs.progress(job_id, fraction, message))
+    report["corpus"] = request["corpus"]  # the name the caller used, not the server's source
+    _finish_or_leave_it(jobs, job_id, report, "done")
     return report
+
+
+def _finish_or_leave_it(jobs: JobStore, job_id: str, result: dict, message: str) -> None:
+    """Record success from the task; if the database is locked, the ingress that watches the task
+    records it from the task's return value instead."""
+    try:
+        jobs.finish(job_id, "succeeded", progress=1.0, message=message, result=result)
+    except sqlite3.OperationalError as err:
+        logger.warning("job %s: result not recorded by the task (%s); the ingress records it", job_id, err)
 
 
 def run_training(job_id: str, request: dict) -> dict:
@@ -151,7 +219,7 @@ def run_training(job_id: str, request: dict) -> dict:
     jobs = JobStore()
     if not jobs.start(job_id):
         return {}
-    jobs.update(job_id, message="loading the model")
+    jobs.progress(job_id, 0.0, "loading the model")
     specs = sweep_specs(request["architecture"], request["d_sae"], l1=request["l1"], k=request["k"],
                         seeds=request["seeds"])
     config = TrainConfig(hook=request["hook"], specs=tuple(specs), tokens=request["tokens"],
@@ -162,9 +230,9 @@ def run_training(job_id: str, request: dict) -> dict:
 
     def progress(fraction: float, record: dict) -> None:
         if record["step"] % 5 == 0:
-            jobs.update(job_id, progress=min(0.99, fraction), message=f"step {record['step']}, {record['tokens']} tokens")
+            jobs.progress(job_id, min(0.99, fraction), f"step {record['step']}, {record['tokens']} tokens")
 
     published = train_and_publish(loaded, config, name=request["name"], progress=False, on_progress=progress)
     result = {"dictionaries": published}
-    jobs.finish(job_id, "succeeded", progress=1.0, message="published", result=result)
+    _finish_or_leave_it(jobs, job_id, result, "published")
     return result

@@ -13,7 +13,6 @@ heartbeat.
 import asyncio
 import threading
 import time
-import uuid
 
 from ray import serve
 
@@ -26,35 +25,41 @@ HEALTHY_WITHIN_S = 60.0  # a scheduler step (bounded by the prefill budget) neve
 
 @serve.deployment(max_ongoing_requests=256)
 class ModelDeployment:
-    def __init__(self, config: dict, limits: dict, registry_name: str | None = None):
+    def __init__(self, config: dict, limits: dict, registry_name: str | None = None, build: str = ""):
+        from service.registry import registry_name as own_registry
+
         config = ModelConfig(**config)
-        self.replica = uuid.uuid4().hex[:12]
+        context = serve.get_replica_context()
+        self.replica = context.replica_id.unique_id  # the id Serve's controller lists it under
         self.metrics = ReplicaMetrics(config.name)
         self.server = ModelServer(config, Limits(**limits), observer=self.metrics)
-        self.registry_name = registry_name
-        if registry_name:
-            threading.Thread(target=self._follow_registry, daemon=True, name="steerserve-registry").start()
+        self.registry_name, self.build = own_registry(registry_name), build
+        threading.Thread(target=self._follow_registry, daemon=True, name="steerserve-registry").start()
 
     def _follow_registry(self) -> None:
-        """Keep this replica's dictionaries equal to the registry's desired set (hot deployment),
-        and report this replica's metrics with every heartbeat."""
+        """Keep this replica's dictionaries equal to the registry's desired versions (hot
+        deployment), and report the versions served and this replica's metrics with every heartbeat."""
         import ray
 
         from service.registry import HEARTBEAT_S, registry
 
         model = self.server.config.name
-        actor = registry(self.registry_name)
-        state = ray.get(actor.initialise.remote(model, sorted(self.server.engine.dictionaries)))
-        applied, errors = 0, {}
+        actor, state, applied, errors = None, None, 0, {}
         while True:
             try:
+                actor = actor or registry(self.registry_name)
+                if state is None:
+                    state = ray.get(actor.initialise.remote(model, self.server.versions(), self.build))
                 if state["version"] != applied:
                     errors = self.server.sync(state["names"])
                     applied = state["version"]
-                actor.ack.remote(model, self.replica, applied, errors, self.metrics.text())
+                actor.ack.remote(model, self.replica, applied, self.server.versions(), errors, self.metrics.text())
                 time.sleep(HEARTBEAT_S)
                 state = ray.get(actor.state.remote(model))
-            except Exception:  # the registry restarting must not kill the replica
+                if state["token"] is None:  # a registry that lost its state learns it from the replicas again
+                    state = None
+            except Exception:  # the registry restarting must not kill the replica: find it again
+                actor = None
                 time.sleep(1.0)
 
     async def check_dictionary(self, name: str) -> dict:

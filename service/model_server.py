@@ -41,6 +41,10 @@ class Limits:
     """Σ prompt + max_new_tokens over a replica's running rows (bounds key/value memory)."""
     prefill_chunk_tokens: int = 256
     """Prompt positions one prefill forward reads (longer prompts are read in chunks)."""
+    max_jobs_per_key: int = 4
+    """Evaluation and training jobs one API key may have queued or running at once; past it, 429."""
+    job_cpus: float = 1.0
+    """CPUs a job's Ray task reserves."""
 
     def scheduler_limits(self) -> SchedulerLimits:
         return SchedulerLimits(max_running_rows=self.max_running_rows, max_queued_requests=self.max_queued_requests,
@@ -75,9 +79,10 @@ class ModelServer:
         self.store = DictionaryStore()
         self.engine = Engine(self.loaded.model, self.loaded.tokenizer)
         self.warnings: dict[str, list[str]] = {}
+        self.served: dict[str, dict] = {}  # name -> what is loaded: sha256, path, config, metrics, files
         self._features: dict[str, dict] = {}
         for name in config.dictionaries:
-            self._install(name, self.store.load(name, device=config.device), self._checked(name))
+            self._install(name, *self._read(name))
         self.loop = EngineLoop(self.engine.scheduler(limits.scheduler_limits(), observer))
 
     def between_steps(self, fn):
@@ -98,33 +103,56 @@ class ModelServer:
         report.raise_for_errors(f"dictionary {name!r}")
         return report.warnings
 
-    def _install(self, name: str, dictionary, warnings: list[str]) -> None:
+    def _read(self, name: str):
+        """``name`` as the store holds it now: (dictionary, warnings, description). The object
+        directory is resolved once, so the weights, their hash and the description agree."""
+        from dictionaries.format import file_sha256
+        from dictionaries.store import DictionaryStore
+
+        warnings = self._checked(name)
+        path = self.store.path(name)
+        served = {"sha256": file_sha256(path / "sae.safetensors"), "path": path,
+                  **DictionaryStore.describe(path)}
+        return self.store.load_path(path, device=self.config.device), warnings, served
+
+    def _install(self, name: str, dictionary, warnings: list[str], served: dict) -> None:
         self.engine.add_dictionary(name, dictionary)
-        self.warnings[name] = warnings
+        self.warnings[name], self.served[name] = warnings, served
         self._features.pop(name, None)
 
-    def load_dictionary(self, name: str) -> None:
-        """Load (or reload) ``name`` from the store; requests admitted from the next step on use
-        it (rows already running keep the weights they started with)."""
-        warnings = self._checked(name)
-        dictionary = self.store.load(name, device=self.config.device)
-        self.between_steps(lambda: self._install(name, dictionary, warnings))
+    def versions(self) -> dict[str, str]:
+        """The weights' SHA-256 of each dictionary this replica serves."""
+        return {name: served["sha256"] for name, served in self.served.items()}
+
+    def load_dictionary(self, name: str, sha256: str | None = None) -> None:
+        """Load (or reload) ``name`` from the store — exactly version ``sha256`` when given;
+        requests admitted from the next step on use it (rows already running keep the weights
+        they started with)."""
+        dictionary, warnings, served = self._read(name)
+        if sha256 is not None and served["sha256"] != sha256:
+            raise ValueError(f"the store now holds version {served['sha256'][:12]}… of {name!r}, not the deployed "
+                             f"{sha256[:12]}… (it was replaced meanwhile): deploy it again")
+        self.between_steps(lambda: self._install(name, dictionary, warnings, served))
 
     def drop_dictionary(self, name: str) -> None:
         def drop():
             self.engine.remove_dictionary(name)
             self.warnings.pop(name, None)
+            self.served.pop(name, None)
             self._features.pop(name, None)
         self.between_steps(drop)
 
-    def sync(self, names: list[str]) -> dict:
-        """Load and drop dictionaries until exactly ``names`` are served; return errors by name."""
+    def sync(self, desired: dict[str, str]) -> dict:
+        """Drop, load and reload dictionaries until exactly ``desired`` (name -> weights sha256)
+        is served; return errors by name (a name that failed keeps what it served before)."""
         errors = {}
-        for name in sorted(set(self.engine.dictionaries) - set(names)):
+        for name in sorted(set(self.engine.dictionaries) - set(desired)):
             self.drop_dictionary(name)
-        for name in sorted(set(names) - set(self.engine.dictionaries)):
+        for name, sha256 in sorted(desired.items()):
+            if name in self.engine.dictionaries and self.served[name]["sha256"] == sha256:
+                continue
             try:
-                self.load_dictionary(name)
+                self.load_dictionary(name, sha256)
             except Exception as err:  # reported to the deploying caller, the replica keeps serving
                 errors[name] = str(err)
         return errors
@@ -228,21 +256,23 @@ class ModelServer:
         return {"id": self.config.name, "object": "model", "created": 0, "owned_by": "steerserve",
                 "n_layers": info.n_layers, "d_model": info.d_model, "vocab_size": info.vocab_size,
                 "sha256": info.sha256, "dtype": info.dtype, "device": info.device,
-                "dictionaries": sorted(self.engine.dictionaries), "limits": asdict(self.limits)}
+                "dictionaries": sorted(self.engine.dictionaries), "dictionary_sha256": self.versions(),
+                "limits": asdict(self.limits)}
 
     def dictionary_summary(self, name: str) -> dict:
-        info = self.store.info(name)
-        config = info["config"]
+        """The dictionary as this replica serves it (not as the store may hold it by now)."""
+        served = self.served[name]
+        config = served["config"]
         return {"name": name, "model": self.config.name, "architecture": config["architecture"], "hook": config["hook"],
-                "d_in": config["d_in"], "d_sae": config["d_sae"], "k": config.get("k"),
-                "metrics": {k: v for k, v in (info["metrics"] or {}).items() if isinstance(v, (int, float))},
+                "d_in": config["d_in"], "d_sae": config["d_sae"], "k": config.get("k"), "sha256": served["sha256"],
+                "metrics": {k: v for k, v in (served["metrics"] or {}).items() if isinstance(v, (int, float))},
                 "warnings": self.warnings.get(name, [])}
 
     def dictionary_detail(self, name: str) -> dict:
         self._require(name)
-        info = self.store.info(name)
-        return {"name": name, "model": self.config.name, "config": info["config"], "metrics": info["metrics"],
-                "files": info["files"], "warnings": self.warnings.get(name, [])}
+        served = self.served[name]
+        return {"name": name, "model": self.config.name, "sha256": served["sha256"], "config": served["config"],
+                "metrics": served["metrics"], "files": served["files"], "warnings": self.warnings.get(name, [])}
 
     def _require(self, name: str) -> None:
         if name not in self.engine.dictionaries:
@@ -284,7 +314,7 @@ class ModelServer:
         if name not in self._features:
             from safetensors.torch import load_file
 
-            path = self.store.path(name)
+            path = self.served[name]["path"]  # the served version's own files
             if not (path / "features.safetensors").is_file():
                 self._features[name] = None
             else:
@@ -320,7 +350,9 @@ class DeltaStreamer:
 
 
 def environment_for_workers() -> dict:
-    """Variables a Ray worker must share with the process that started the app."""
-    keys = ("STEERSERVE_HOME", "STEERSERVE_API_KEYS", "STEERSERVE_API_KEYS_FILE", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY",
+    """Variables a Ray worker must share with the process that started the app. API keys are not
+    among them: the ingress gets their digests as arguments (:func:`service.access.resolve_keys`),
+    and a runtime_env is visible to anyone who can read Ray's state API or dashboard."""
+    keys = ("STEERSERVE_HOME", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY",
             "TOKENIZERS_PARALLELISM", "HF_HOME", "OMP_WAIT_POLICY")
     return {key: os.environ[key] for key in keys if key in os.environ}

@@ -42,6 +42,19 @@ class ApiError(Exception):
                    headers=data.get("headers"))
 
 
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+    param: str | None
+    code: str | None
+
+
+class ErrorEnvelope(BaseModel):
+    """Every error answer's body."""
+
+    error: ErrorDetail
+
+
 def error_body(type: str, message: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"type": type, "message": message, "param": param, "code": code}}
 
@@ -178,9 +191,12 @@ class EvaluationJobRequest(_Model):
 
     dictionary: str = Field(min_length=1, max_length=64)
     edits: list[EditSpec] = Field(default_factory=list, max_length=32)
-    corpus: str = Field(default="builtin:pydocs/heldout", min_length=1, max_length=512)
+    corpus: str = Field(default="builtin:pydocs/heldout", min_length=1, max_length=512,
+                        description="A corpus the server exposes, by name (optionally NAME/train or NAME/heldout "
+                                    "for a builtin one); never a path.")
     tokens: int = Field(default=32768, ge=128, le=4_000_000)
-    model: str | None = None
+    model: str | None = Field(default=None, description="A model the server serves; default: the dictionary's "
+                                                        "own when served, else the first one.")
 
 
 class TrainingJobRequest(_Model):
@@ -212,28 +228,6 @@ class TrainingJobRequest(_Model):
 
 
 # --- the browser page's additions: who am I, feature search ------------------------------------------
-
-class ErrorDetail(BaseModel):
-    type: str
-    message: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorEnvelope(BaseModel):
-    """The body of every error answer."""
-
-    error: ErrorDetail
-
-
-def error_responses(*statuses: int) -> dict:
-    """OpenAPI ``responses`` entries for the error statuses a route returns."""
-    meaning = {400: "A parameter is wrong; `param` names it.", 401: "Missing or unknown API key.",
-               403: "The key's role may not do this.", 404: "No such resource; `param` names it.",
-               409: "The resource cannot serve this request in its present state; `param` names it.",
-               429: "The key is over its rate; see `Retry-After`.", 500: "A server fault (no stack trace)."}
-    return {status: {"model": ErrorEnvelope, "description": meaning[status]} for status in statuses}
-
 
 class WhoAmI(BaseModel):
     """``GET /v1/whoami``: the caller's role, so a client can offer only what it may do."""

@@ -5,10 +5,10 @@
     GET /v1/whoami                          the caller's role, so the page shows only what the key may do
     GET /v1/dictionaries/{name}/features    feature search: ?q=WORDS&limit=N (see service/feature_search.py)
 
-The routes are plain functions on the ingress's FastAPI app that reach the ingress replica
-serving them (its access control, model handles and feature indexes) through Serve's replica
-context — the way Serve's own class-based routes get ``self``. The page is public (it holds
-no data); every API call it makes carries the key the user typed, kept in sessionStorage.
+The page and its assets are public plain routes outside the API schema (the access matrix lists
+them with FastAPI's own pages); ``/v1/whoami`` and feature search are API routes of the
+:class:`PageRoutes` mixin, declared in the route table like every other. The page holds no
+data; every API call it makes carries the key the user typed, kept in sessionStorage.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import asyncio
 from pathlib import Path
 
 from fastapi import Request
-from ray import serve
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from service.feature_search import query_terms
 from service.http import _unwrap, app, counted
-from service.protocol import ApiError, FeatureSearchResponse, WhoAmI, error_responses
+from service.protocol import ApiError, FeatureSearchResponse, WhoAmI
+from service.routes.table import route
 
 ASSETS = Path(__file__).with_name("ui")
 MEDIA_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
@@ -84,14 +84,7 @@ def _asset(name: str) -> Path | None:
     return path
 
 
-def _ingress():
-    """The ingress replica answering this request (``service.ingress.Ingress``)."""
-    return serve.get_replica_context().servable_object
-
-
-@app.get("/", response_class=HTMLResponse, summary="The browser page",
-         responses={200: {"content": {"text/html": {}}, "description": "The page."},
-                    307: {"description": "Redirect to the same path with a trailing slash."}})
+@app.get("/", response_class=HTMLResponse, include_in_schema=False)
 @counted("GET", "/")
 async def page(request: Request):
     if not request.url.path.endswith("/"):  # mounted under a prefix: relative asset URLs need the slash
@@ -99,11 +92,7 @@ async def page(request: Request):
     return HTMLResponse((ASSETS / "index.html").read_text(), headers=SECURITY_HEADERS)
 
 
-@app.get("/ui/{asset}", summary="An asset of the browser page",
-         openapi_extra={"parameters": [{"name": "asset", "in": "path", "required": True,
-                                        "schema": {"type": "string"}}]},
-         responses={200: {"content": {"text/javascript": {}, "text/css": {}}, "description": "The file."},
-                    **error_responses(404)})
+@app.get("/ui/{asset}", include_in_schema=False)
 @counted("GET", "/ui/{asset}")
 async def asset(request: Request):
     name = request.path_params["asset"]
@@ -113,50 +102,47 @@ async def asset(request: Request):
     return Response(path.read_bytes(), media_type=MEDIA_TYPES[path.suffix], headers=SECURITY_HEADERS)
 
 
-@app.get("/v1/whoami", response_model=WhoAmI, summary="The caller's role",
-         responses=error_responses(401, 429))
-@counted("GET", "/v1/whoami")
-async def whoami(request: Request) -> dict:
-    key = _ingress().access.authorize(request.headers.get("authorization"), "user")
-    if key is None:
-        return {"role": "admin", "name": None, "open": True}
-    return {"role": key.role, "name": key.name, "open": False}
+class PageRoutes:
+    """The API routes the page needs: who the caller is, and feature search."""
 
+    @route("GET", "/v1/whoami", role="user", response_model=WhoAmI)
+    async def whoami(self, request: Request) -> dict:
+        """The caller's role (an open server answers admin, ``open: true``)."""
+        key = request.state.caller
+        if key is None:
+            return {"role": "admin", "name": None, "open": True}
+        return {"role": key.role, "name": key.name, "open": False}
 
-@app.get("/v1/dictionaries/{name}/features", response_model=FeatureSearchResponse, summary="Search features",
-         description="Rank a dictionary's features by matches of `q` in their promoted logit-lens tokens and "
-                     "top-context text, from the dictionary's recorded statistics (`features.safetensors`). "
-                     "The index is built once a dictionary, on its first search, and rebuilt when the "
-                     "dictionary is redeployed.",
-         openapi_extra={"parameters": _SEARCH_PARAMETERS}, responses=error_responses(400, 401, 404, 409, 429))
-@counted("GET", "/v1/dictionaries/{name}/features")
-async def search_features(request: Request) -> dict:
-    ingress = _ingress()
-    ingress._allow(request)
-    name, params = request.path_params["name"], request.query_params
-    unknown = sorted(set(params) - set(SEARCH_PARAMS))
-    if unknown:
-        raise ApiError(400, f"unknown query parameter {unknown[0]!r} (known: {', '.join(SEARCH_PARAMS)})",
-                       param=unknown[0])
-    query = params.get("q", "")
-    if not query.strip():
-        raise ApiError(400, "q: give the words to search for (e.g. ?q=file)", param="q")
-    if len(query) > MAX_QUERY_CHARS:
-        raise ApiError(400, f"q is {len(query)} characters; at most {MAX_QUERY_CHARS}", param="q")
-    if not query_terms(query)[0]:
-        raise ApiError(400, "q has no word or punctuation to search for", param="q")
-    limit_text = params.get("limit", "20")
-    if not limit_text.strip().isdigit() or not 1 <= int(limit_text) <= MAX_SEARCH_LIMIT:
-        raise ApiError(400, f"limit must be an integer in [1, {MAX_SEARCH_LIMIT}]; got {limit_text!r}",
-                       param="limit")
-    model = await _model_serving(ingress, name, params.get("model"))
-    index = await asyncio.to_thread(ingress.feature_indexes.get, model, name)
-    if index is None:
-        raise ApiError(409, f"dictionary {name!r} has no feature statistics (features.safetensors), so its "
-                            "features cannot be searched; dictionaries trained by steerserve record them",
-                       param="name")
-    found = await asyncio.to_thread(index.search, query, int(limit_text))
-    return {"object": "list", "dictionary": name, "model": model, "query": query, **found}
+    @route("GET", "/v1/dictionaries/{name}/features", role="user", errors=(400, 404, 409),
+           openapi_extra={"parameters": _SEARCH_PARAMETERS}, response_model=FeatureSearchResponse)
+    async def search_features(self, name: str, request: Request) -> dict:
+        """Rank a dictionary's features by matches of `q` in their promoted logit-lens tokens and top-context
+        text, from the dictionary's recorded statistics (`features.safetensors`). The index is built once a
+        dictionary, on its first search, and rebuilt when the dictionary is redeployed."""
+        params = request.query_params
+        unknown = sorted(set(params) - set(SEARCH_PARAMS))
+        if unknown:
+            raise ApiError(400, f"unknown query parameter {unknown[0]!r} (known: {', '.join(SEARCH_PARAMS)})",
+                           param=unknown[0])
+        query = params.get("q", "")
+        if not query.strip():
+            raise ApiError(400, "q: give the words to search for (e.g. ?q=file)", param="q")
+        if len(query) > MAX_QUERY_CHARS:
+            raise ApiError(400, f"q is {len(query)} characters; at most {MAX_QUERY_CHARS}", param="q")
+        if not query_terms(query)[0]:
+            raise ApiError(400, "q has no word or punctuation to search for", param="q")
+        limit_text = params.get("limit", "20")
+        if not limit_text.strip().isdigit() or not 1 <= int(limit_text) <= MAX_SEARCH_LIMIT:
+            raise ApiError(400, f"limit must be an integer in [1, {MAX_SEARCH_LIMIT}]; got {limit_text!r}",
+                           param="limit")
+        model = await _model_serving(self, name, params.get("model"))
+        index = await asyncio.to_thread(self.feature_indexes.get, model, name)
+        if index is None:
+            raise ApiError(409, f"dictionary {name!r} has no feature statistics (features.safetensors), so its "
+                                "features cannot be searched; dictionaries trained by steerserve record them",
+                           param="name")
+        found = await asyncio.to_thread(index.search, query, int(limit_text))
+        return {"object": "list", "dictionary": name, "model": model, "query": query, **found}
 
 
 async def _model_serving(ingress, name: str, model: str | None) -> str:

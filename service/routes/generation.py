@@ -18,8 +18,9 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
-from service.http import app, counted, METRICS, _request_body, _unwrap
+from service.http import METRICS, _unwrap
 from service.protocol import ApiError, CompletionRequest, GenerateRequest, InspectRequest, error_body, validation_param
+from service.routes.table import route
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +64,8 @@ class GenerationRoutes:
             _unwrap(first)
         return stream, first
 
-    @app.post("/v1/generate", openapi_extra=_request_body(GenerateRequest))
-    @counted("POST", "/v1/generate")
+    @route("POST", "/v1/generate", role="user", errors=(400, 404, 503), body=GenerateRequest, streams=True)
     async def generate(self, request: Request):
-        self._allow(request)
         body = await self._body(request, GenerateRequest)
         name, handle = self._handle(body.model)
         if not body.stream:
@@ -84,10 +83,8 @@ class GenerationRoutes:
 
         return StreamingResponse(relay(stream, first, render), media_type="text/event-stream")
 
-    @app.post("/v1/completions", openapi_extra=_request_body(CompletionRequest))
-    @counted("POST", "/v1/completions")
+    @route("POST", "/v1/completions", role="user", errors=(400, 404, 503), body=CompletionRequest, streams=True)
     async def completions(self, request: Request):
-        self._allow(request)
         body = await self._body(request, CompletionRequest)
         name, handle = self._handle(body.model)
         try:
@@ -129,10 +126,8 @@ class GenerationRoutes:
 
         return StreamingResponse(relay(stream, first, render), media_type="text/event-stream")
 
-    @app.post("/v1/inspect", openapi_extra=_request_body(InspectRequest))
-    @counted("POST", "/v1/inspect")
+    @route("POST", "/v1/inspect", role="user", errors=(400, 404, 503), body=InspectRequest)
     async def inspect(self, request: Request):
-        self._allow(request)
         body = await self._body(request, InspectRequest)
         _, handle = self._handle(body.model)
         return _unwrap(await handle.inspect.remote(body))

@@ -1,74 +1,82 @@
-"""Job routes: evaluations (users) and trainings (admin) as Ray tasks with SQLite records."""
+"""Job routes: evaluations (users) and trainings (admin) as Ray tasks with SQLite records.
+
+Every job has an owner (the caller's key name): a user lists, reads and cancels only their
+own jobs (someone else's is a 404, as if it did not exist), an admin sees all. A key may have
+at most ``Limits.max_jobs_per_key`` jobs queued or running; past that, 429. Every database
+call runs in a worker thread, never on the event loop, and gives up after a few seconds
+with a 503 when the database stays locked, so a locked database slows only job routes.
+"""
 
 import asyncio
+import logging
+import sqlite3
 
 from fastapi import Request
 
-from service.http import app, counted, METRICS, _request_body
-from service.jobs import FINISHED, run_evaluation, run_training
+from service.access import identity
+from service.http import METRICS
+from service.jobs import FINISHED, REQUEST_TIMEOUT_S, resolve_corpus
+from service.launcher import JobLauncher
 from service.protocol import ApiError, EvaluationJobRequest, TrainingJobRequest
+from service.routes.table import route
+
+logger = logging.getLogger(__name__)
 
 
-class JobRoutes:
-    def _count_jobs(self) -> None:
+class JobRoutes(JobLauncher):
+    async def _records(self, fn, *args, **kwargs):
+        """A job-store call in a worker thread; a database locked past the timeout is a 503."""
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except sqlite3.OperationalError as err:
+            raise ApiError(503, f"the job records are busy ({err}); retry shortly", type="overloaded_error",
+                           headers={"Retry-After": str(int(REQUEST_TIMEOUT_S))}) from None
+
+    async def _count_jobs(self) -> None:
         """Set the jobs gauge from the records (at each /metrics scrape)."""
-        counts = self.jobs.counts()
+        counts = await self._records(self.jobs.counts)
         for kind in ("evaluation", "training"):
             for state in ("queued", "running", "succeeded", "failed", "cancelled"):
                 METRICS.jobs.labels(kind=kind, state=state).set(counts.get((kind, state), 0))
 
-    def _launch(self, kind: str, work, request: dict, after=None) -> dict:
+    async def _job(self, request: Request, kind: str, job_id: str) -> dict:
+        """The record, if the caller may see it (their own, or any for an admin); else 404."""
+        owner, admin = identity(request.state.caller)
+        record = await self._records(self.jobs.get, job_id)
+        if record is None or record["kind"] != kind or not (admin or record["owner"] == owner):
+            raise ApiError(404, f"no {kind} job {job_id[:64]!r}", type="not_found_error", param="id")
+        return await self._reconciled(record)
+
+    async def _list(self, request: Request, kind: str) -> dict:
+        owner, admin = identity(request.state.caller)
+        records = await self._records(self.jobs.list, kind, 100, None if admin else owner)
+        return {"object": "list", "data": [await self._reconciled(record) for record in records]}
+
+    async def _cancel(self, request: Request, kind: str, job_id: str) -> dict:
         import ray
 
-        from service.model_server import environment_for_workers
-
-        job_id = self.jobs.create(kind, request)
-        task = ray.remote(num_cpus=1, max_retries=0)(work).options(
-            runtime_env={"env_vars": environment_for_workers()}, name=f"steerserve-{job_id}")
-        ref = task.remote(job_id, request)
-        self.tasks[job_id] = ref
-        asyncio.get_running_loop().create_task(self._watch(job_id, ref, after))
-        return {"id": job_id, "kind": kind, "status": "queued"}
-
-    async def _watch(self, job_id: str, ref, after) -> None:
-        import ray
-
-        try:
-            result = await ref
-            if after is not None:
-                await after(job_id, result)
-        except (ray.exceptions.TaskCancelledError, asyncio.CancelledError):
-            self.jobs.finish(job_id, "cancelled", message="cancelled")
-        except Exception as err:
-            cause = getattr(err, "cause", None) or err
-            self.jobs.finish(job_id, "failed", error=f"{type(cause).__name__}: {cause}"[:2000])
-        finally:
-            self.tasks.pop(job_id, None)
-
-    def _job(self, kind: str, job_id: str) -> dict:
-        record = self.jobs.get(job_id)
-        if record is None or record["kind"] != kind:
-            raise ApiError(404, f"no {kind} job {job_id!r}", type="not_found_error", param="id")
-        return record
-
-    def _cancel(self, kind: str, job_id: str) -> dict:
-        import ray
-
-        record = self._job(kind, job_id)
+        record = await self._job(request, kind, job_id)
         if record["status"] in FINISHED:
             return record
         ref = self.tasks.get(job_id)
         if ref is not None:
             ray.cancel(ref, force=True)
-        self.jobs.finish(job_id, "cancelled", message="cancelled by the caller")
-        return self._job(kind, job_id)
+        await self._records(self.jobs.finish, job_id, "cancelled", message="cancelled by the caller")
+        return await self._job(request, kind, job_id)
 
-    @app.post("/v1/evaluations", status_code=202, openapi_extra=_request_body(EvaluationJobRequest))
-    @counted("POST", "/v1/evaluations")
+    async def _quota(self, request: Request) -> str:
+        owner, _ = identity(request.state.caller)
+        active = await self._records(self.jobs.active, owner)
+        if active >= self.limits.max_jobs_per_key:
+            raise ApiError(429, f"{active} of your jobs are queued or running; the limit is "
+                                f"{self.limits.max_jobs_per_key} a key: wait for one to finish or cancel one",
+                           type="rate_limit_error", headers={"Retry-After": "30"})
+        return owner
+
+    @route("POST", "/v1/evaluations", role="user", errors=(400, 404, 503), body=EvaluationJobRequest, ok=202)
     async def create_evaluation(self, request: Request) -> dict:
         from dictionaries.store import DictionaryStore
 
-        self._allow(request)
         body = await self._body(request, EvaluationJobRequest)
         store = DictionaryStore()
         if body.dictionary not in store:
@@ -81,68 +89,60 @@ class JobRoutes:
             if edit.feature >= store.config(edit.dictionary).d_sae:
                 raise ApiError(400, f"edits[{index}].feature: {edit.feature} is out of range for {edit.dictionary!r}",
                                param=f"edits[{index}].feature")
-        return self._launch("evaluation", run_evaluation, body.model_dump())
+            if edit.positions == "generated":
+                raise ApiError(400, f"edits[{index}].positions: an evaluation scores given text, which has no "
+                                    "generated positions; use 'all' or 'prompt'", param=f"edits[{index}].positions")
+        try:
+            source = resolve_corpus(body.corpus, self.corpora)
+        except ValueError as err:
+            raise ApiError(400, f"corpus: {err}", param="corpus") from None
+        model = body.model
+        if model is None:  # the dictionary's own model when it is served here, else the default one
+            trained_on = store.config(body.dictionary).model_name
+            model = trained_on if trained_on in self.models else self.default_model
+        elif model not in self.models:
+            raise ApiError(400, f"model: evaluations run on the models this server serves ({', '.join(self.models)})",
+                           param="model")
+        owner = await self._quota(request)
+        work = {**body.model_dump(), "model": model, "corpus_source": source}
+        return await self._launch("evaluation", "run_evaluation", work, owner)
 
-    @app.get("/v1/evaluations")
-    @counted("GET", "/v1/evaluations")
+    @route("GET", "/v1/evaluations", role="user", errors=(503,))
     async def list_evaluations(self, request: Request) -> dict:
-        self._allow(request)
-        return {"object": "list", "data": self.jobs.list("evaluation")}
+        return await self._list(request, "evaluation")
 
-    @app.get("/v1/evaluations/{job_id}")
-    @counted("GET", "/v1/evaluations/{job_id}")
+    @route("GET", "/v1/evaluations/{job_id}", role="user", errors=(404, 503))
     async def get_evaluation(self, job_id: str, request: Request) -> dict:
-        self._allow(request)
-        return self._job("evaluation", job_id)
+        return await self._job(request, "evaluation", job_id)
 
-    @app.delete("/v1/evaluations/{job_id}")
-    @counted("DELETE", "/v1/evaluations/{job_id}")
+    @route("DELETE", "/v1/evaluations/{job_id}", role="user", errors=(404, 503))
     async def cancel_evaluation(self, job_id: str, request: Request) -> dict:
-        self._allow(request)
-        return self._cancel("evaluation", job_id)
+        return await self._cancel(request, "evaluation", job_id)
 
-    @app.post("/v1/trainings", status_code=202, openapi_extra=_request_body(TrainingJobRequest))
-    @counted("POST", "/v1/trainings")
+    @route("POST", "/v1/trainings", role="admin", errors=(400, 503), body=TrainingJobRequest, ok=202)
     async def create_training(self, request: Request) -> dict:
         from dictionaries.config import DictionaryError
         from dictionaries.store import validate_name
 
-        self._allow(request, "admin")
         body = await self._body(request, TrainingJobRequest)
         try:
             validate_name(body.name)
         except DictionaryError as err:
             raise ApiError(400, str(err), param="name") from None
-        if body.deploy and body.model not in self.models:
-            raise ApiError(400, f"deploy: model {body.model!r} is not served here (served: {', '.join(self.models)})",
-                           param="deploy")
-        after = self._deploy_trained if body.deploy else None
-        return self._launch("training", run_training, body.model_dump(), after)
+        if body.model not in self.models:
+            raise ApiError(400, f"model: trainings run on the models this server serves ({', '.join(self.models)})",
+                           param="model")
+        owner = await self._quota(request)
+        return await self._launch("training", "run_training", body.model_dump(), owner, deploy=body.deploy)
 
-    async def _deploy_trained(self, job_id: str, result: dict) -> None:
-        model = self.jobs.get(job_id)["request"]["model"]
-        deployed = []
-        for entry in result["dictionaries"]:
-            try:
-                deployed.append(await self._deploy(entry["name"], model, True))
-            except ApiError as err:
-                deployed.append({"dictionary": entry["name"], "deployed": False, "error": err.message})
-        self.jobs.update(job_id, result={**result, "deployments": deployed})
-
-    @app.get("/v1/trainings")
-    @counted("GET", "/v1/trainings")
+    @route("GET", "/v1/trainings", role="admin", errors=(503,))
     async def list_trainings(self, request: Request) -> dict:
-        self._allow(request, "admin")
-        return {"object": "list", "data": self.jobs.list("training")}
+        return await self._list(request, "training")
 
-    @app.get("/v1/trainings/{job_id}")
-    @counted("GET", "/v1/trainings/{job_id}")
+    @route("GET", "/v1/trainings/{job_id}", role="admin", errors=(404, 503))
     async def get_training(self, job_id: str, request: Request) -> dict:
-        self._allow(request, "admin")
-        return self._job("training", job_id)
+        return await self._job(request, "training", job_id)
 
-    @app.delete("/v1/trainings/{job_id}")
-    @counted("DELETE", "/v1/trainings/{job_id}")
+    @route("DELETE", "/v1/trainings/{job_id}", role="admin", errors=(404, 503))
     async def cancel_training(self, job_id: str, request: Request) -> dict:
-        self._allow(request, "admin")
-        return self._cancel("training", job_id)
+        return await self._cancel(request, "training", job_id)

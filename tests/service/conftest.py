@@ -58,3 +58,29 @@ def engine(pythia_tiny, served_dictionaries):
     from editing.engine import Engine
 
     return Engine(pythia_tiny.model, pythia_tiny.tokenizer, dict(served_dictionaries))
+
+
+ADMIN_KEY, USER_KEY, OTHER_KEY, SLOW_KEY = "admin-key-0123", "user-key-4567", "other-key-8901", "slow-key-2345"
+KEYS = [{"key": ADMIN_KEY, "role": "admin", "name": "root"}, {"key": USER_KEY, "role": "user", "name": "alice"},
+        {"key": OTHER_KEY, "role": "user", "name": "bob"},
+        {"key": SLOW_KEY, "role": "user", "name": "slow", "rate_per_minute": 0.01}]  # one call, then 429 for ~100 min
+
+
+def auth(key: str | None) -> dict:
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def start_keyed_app(server: str, name: str, limits=None, replicas: int = 1, corpora: dict | None = None) -> str:
+    """A second app with API keys (``KEYS``) on the session's Ray instance, at ``/<name>``."""
+    from ray import serve
+
+    from service.app import AppArgs, ModelArgs, build_app
+    from service.model_server import Limits
+
+    args = AppArgs(models=[ModelArgs(name="pythia-tiny", dictionaries=["pythia-tiny-l2"], torch_threads=1,
+                                     replicas=replicas, num_cpus=0.25)],  # a CPU stays free for job tasks
+                   api_keys=KEYS, limits=limits or Limits(max_new_tokens=16, max_prompt_tokens=128, max_edits=4,
+                                                          max_body_bytes=16384, max_jobs_per_key=2),
+                   **({"corpora": corpora} if corpora is not None else {}))
+    serve.run(build_app(args), name=name, route_prefix=f"/{name}")
+    return f"{server}/{name}"
