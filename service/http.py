@@ -15,7 +15,9 @@ from service.protocol import (
     CompletionRequest,
     EvaluationJobRequest,
     GenerateRequest,
+    ErrorResponse,
     InspectRequest,
+    PresetRequest,
     TrainingJobRequest,
     error_body,
     validation_param,
@@ -23,6 +25,17 @@ from service.protocol import (
 
 app = FastAPI(title="steerserve", version="0.1.0",
               description="Steered generation through sparse-autoencoder dictionary features, per request.")
+
+
+_STATUS_TEXT = {400: "Bad request: the error names the field (param)", 401: "Missing or invalid API key",
+                403: "The key's role may not do this", 404: "Not found", 409: "Conflicts with the server's state",
+                413: "Request body too large", 429: "Rate limit reached", 500: "Internal error",
+                503: "Busy or unavailable; retry after Retry-After seconds"}
+
+
+def error_responses(*statuses: int) -> dict:
+    """``responses=`` for a route: each status it can answer, with the error envelope's schema."""
+    return {status: {"model": ErrorResponse, "description": _STATUS_TEXT[status]} for status in statuses}
 
 
 def _request_body(model) -> dict:
@@ -38,7 +51,8 @@ def _openapi(served: FastAPI) -> dict:
     served.openapi_schema = None
     schema = FastAPI.openapi(served)  # FastAPI's own walk of the (re-mounted) routes
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for model in (GenerateRequest, CompletionRequest, InspectRequest, EvaluationJobRequest, TrainingJobRequest):
+    for model in (GenerateRequest, CompletionRequest, InspectRequest, EvaluationJobRequest, TrainingJobRequest,
+                  PresetRequest):
         full = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(full.pop("$defs", {}))
         components[model.__name__] = full

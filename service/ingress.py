@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from ray import serve
 
 from service.access import AccessControl, keys_from_environment
-from service.http import METRICS, _unwrap, app, counted
+from service.http import METRICS, _unwrap, app, counted, error_responses
 from service.jobs import JobStore
 from service.metrics import exposition
 from service.model_server import Limits
@@ -28,9 +28,10 @@ from service.protocol import ApiError, validation_param
 from service.routes.dictionaries import DictionaryRoutes
 from service.routes.generation import GenerationRoutes
 from service.routes.jobs import JobRoutes
+from service.routes.presets import PresetRoutes
 
 
-class HttpApi(GenerationRoutes, DictionaryRoutes, JobRoutes):
+class HttpApi(GenerationRoutes, DictionaryRoutes, JobRoutes, PresetRoutes):
     def __init__(self, models: dict, limits: dict, api_keys: list[dict] | None = None,
                  registry_name: str | None = None):
         self.models = models  # name -> DeploymentHandle
@@ -97,12 +98,13 @@ class HttpApi(GenerationRoutes, DictionaryRoutes, JobRoutes):
             replicas = await registry(self.registry_name).metrics.remote()
         return PlainTextResponse(exposition(METRICS.text(), replicas), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=error_responses(401, 403, 429, 500))
     @counted("GET", "/v1/models")
     async def list_models(self, request: Request) -> dict:
+        """The served models, then every steering preset as ``BASE+PRESET`` (usable as a model)."""
         self._allow(request)
         cards = [_unwrap(await handle.describe.remote()) for handle in self.models.values()]
-        return {"object": "list", "data": cards}
+        return {"object": "list", "data": cards + self._preset_cards()}
 
 
 Ingress = serve.deployment(name="Ingress", max_ongoing_requests=256)(serve.ingress(app)(HttpApi))

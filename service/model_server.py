@@ -41,6 +41,8 @@ class Limits:
     """Σ prompt + max_new_tokens over a replica's running rows (bounds key/value memory)."""
     prefill_chunk_tokens: int = 256
     """Prompt positions one prefill forward reads (longer prompts are read in chunks)."""
+    max_logprobs: int = 5
+    """Cap on /v1/completions' ``logprobs`` (top-N alternatives a token)."""
 
     def scheduler_limits(self) -> SchedulerLimits:
         return SchedulerLimits(max_running_rows=self.max_running_rows, max_queued_requests=self.max_queued_requests,

@@ -1,6 +1,11 @@
 """Generation routes: native ``/v1/generate`` (optionally streamed), OpenAI-compatible
 ``/v1/completions`` (optionally streamed) and ``/v1/inspect``.
 
+Every one takes ``"model": "BASE+PRESET"`` (a stored steering preset): the preset's edits
+come first, the request's own after them (:mod:`service.routes.presets`). A non-streamed
+completion may hold several prompts (each its own choice, each its own request in the
+scheduler), echo the prompt and score it (``logprobs``); see :mod:`service.completions`.
+
 A streamed answer is server-sent events relayed from the model replica: one event for what
 one or more scheduler steps produced, the last one with the full result, then
 ``data: [DONE]``. A stream that ends any other way (the replica died, an internal error)
@@ -18,7 +23,8 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
-from service.http import app, counted, METRICS, _request_body, _unwrap
+from service.http import app, counted, error_responses, METRICS, _request_body, _unwrap
+from service.presets import merged_edits, preset_error
 from service.protocol import ApiError, CompletionRequest, GenerateRequest, InspectRequest, error_body, validation_param
 
 logger = logging.getLogger(__name__)
@@ -61,17 +67,30 @@ class GenerationRoutes:
             _unwrap(first)
         return stream, first
 
-    @app.post("/v1/generate", openapi_extra=_request_body(GenerateRequest))
+    @staticmethod
+    def _unwrap_steered(result: dict, preset):
+        try:
+            return _unwrap(result)
+        except ApiError as err:
+            raise preset_error(err, preset) from None
+
+    @app.post("/v1/generate", openapi_extra=_request_body(GenerateRequest),
+              responses=error_responses(400, 401, 403, 404, 409, 413, 429, 500, 503))
     @counted("POST", "/v1/generate")
     async def generate(self, request: Request):
         self._allow(request)
         body = await self._body(request, GenerateRequest)
-        name, handle = self._handle(body.model)
+        name, base, handle, preset = self._steer(body.model)
+        if preset is not None:
+            body = body.model_copy(update={"model": base, "edits": merged_edits(preset, body.edits)})
         if not body.stream:
-            result = _unwrap(await handle.generate.remote(body))
-            METRICS.count_work(name, len(result["tokens"]), body.edits)
-            return result
-        stream, first = await self._open_stream(handle, body)
+            result = self._unwrap_steered(await handle.generate.remote(body), preset)
+            METRICS.count_work(base, len(result["tokens"]), body.edits)
+            return {**result, "model": name}
+        try:
+            stream, first = await self._open_stream(handle, body)
+        except ApiError as err:
+            raise preset_error(err, preset) from None
 
         def render(message: dict) -> dict:
             if "final" in message:
@@ -81,17 +100,14 @@ class GenerationRoutes:
 
         return StreamingResponse(relay(stream, first, render), media_type="text/event-stream")
 
-    @app.post("/v1/completions", openapi_extra=_request_body(CompletionRequest))
+    @app.post("/v1/completions", openapi_extra=_request_body(CompletionRequest),
+              responses=error_responses(400, 401, 403, 404, 409, 413, 429, 500, 503))
     @counted("POST", "/v1/completions")
     async def completions(self, request: Request):
         self._allow(request)
         body = await self._body(request, CompletionRequest)
-        name, handle = self._handle(body.model)
-        try:
-            native = body.to_generate()
-        except ValidationError as err:
-            first = err.errors()[0]
-            raise ApiError(400, first["msg"], param=validation_param(tuple(first["loc"]))) from None
+        name, base, handle, preset = self._steer(body.model)
+        edits = merged_edits(preset, body.edits)
         completion_id, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         def usage_of(result: dict) -> dict:
@@ -99,17 +115,19 @@ class GenerationRoutes:
                     "total_tokens": result["prompt_tokens"] + len(result["tokens"])}
 
         if not body.stream:
-            result = _unwrap(await handle.generate.remote(native, text_pieces=body.logprobs is not None))
-            METRICS.count_work(name, len(result["tokens"]), body.edits)
-            logprobs = None
-            if body.logprobs is not None:
-                logprobs = {"tokens": result["text_pieces"], "token_logprobs": result["logprobs"]}
-            return {"id": completion_id, "object": "text_completion", "created": created, "model": name,
-                    "choices": [{"text": result["text"], "index": 0, "logprobs": logprobs,
-                                 "finish_reason": result["finish_reason"]}],
-                    "usage": usage_of(result), "edit_report": result["edit_report"]}
+            answer = self._unwrap_steered(await handle.complete.remote(body, edits), preset)
+            METRICS.count_work(base, answer["usage"]["completion_tokens"], edits)
+            return {"id": completion_id, "object": "text_completion", "created": created, "model": name, **answer}
 
-        stream, first = await self._open_stream(handle, native)
+        try:
+            native = body.to_generate().model_copy(update={"model": base, "edits": edits})
+        except ValidationError as err:
+            first = err.errors()[0]
+            raise ApiError(400, first["msg"], param=validation_param(tuple(first["loc"]))) from None
+        try:
+            stream, first = await self._open_stream(handle, native)
+        except ApiError as err:
+            raise preset_error(err, preset) from None
 
         def render(message: dict) -> dict:
             result = message.get("final")
@@ -117,17 +135,18 @@ class GenerationRoutes:
                      "choices": [{"text": message["delta"], "index": 0, "logprobs": None,
                                   "finish_reason": result["finish_reason"] if result else None}]}
             if result:
-                METRICS.count_work(name, len(result["tokens"]), body.edits)
+                METRICS.count_work(base, len(result["tokens"]), edits)
                 chunk["usage"] = usage_of(result)
                 chunk["edit_report"] = result["edit_report"]
             return chunk
 
         return StreamingResponse(relay(stream, first, render), media_type="text/event-stream")
 
-    @app.post("/v1/inspect", openapi_extra=_request_body(InspectRequest))
+    @app.post("/v1/inspect", openapi_extra=_request_body(InspectRequest),
+              responses=error_responses(400, 401, 403, 404, 413, 429, 500))
     @counted("POST", "/v1/inspect")
     async def inspect(self, request: Request):
         self._allow(request)
         body = await self._body(request, InspectRequest)
-        _, handle = self._handle(body.model)
+        _, _, handle, _ = self._steer(body.model)  # a preset's base model (inspect reads features before edits)
         return _unwrap(await handle.inspect.remote(body))
