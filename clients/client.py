@@ -176,8 +176,9 @@ class Client:
     # --- jobs -------------------------------------------------------------------------------------------
 
     def evaluate(self, dictionary: str, *, edits: list[dict] = (), corpus: str = "builtin:pydocs/heldout",
-                 tokens: int = 32768, model: str | None = None) -> dict:
-        body = {"dictionary": dictionary, "edits": list(edits), "corpus": corpus, "tokens": tokens}
+                 tokens: int = 32768, model: str | None = None, target_tokens: list[str] = ()) -> dict:
+        body = {"dictionary": dictionary, "edits": list(edits), "corpus": corpus, "tokens": tokens,
+                "target_tokens": list(target_tokens)}
         if model:
             body["model"] = model
         return self._json("POST", "/v1/evaluations", body)

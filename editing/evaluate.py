@@ -18,6 +18,9 @@ L2 ratio, relative reconstruction bias, L1, alive and frequent features, log-den
 histogram) under ``core``. Every figure comes with its standard error over windows. The layers below
 the hook run once a batch; clean, spliced and zero share them (:func:`logits_from_hook`).
 
+With edits, ``edit_effect`` reports what they cost beside what they do (target effect, side
+effect, their ratio; :mod:`editing.edit_effect`) on the same windows.
+
 ``feature_effect`` gives one feature's logit lens and the change in next-token loss when it
 is ablated, at the positions where it fires.
 """
@@ -66,8 +69,9 @@ def evaluation_windows(loaded, corpus: str, tokens: int, context_length: int) ->
 @torch.no_grad()
 def evaluate(loaded, dictionaries: dict, dictionary: str, *, edits: list[EditSpec] | tuple = (),
              corpus: str = "builtin:pydocs/heldout", tokens: int = 32768, context_length: int = 128,
-             batch_windows: int = 8, progress: Progress | None = None) -> dict:
-    """The evaluation report (plain JSON-able data); see the module docstring."""
+             batch_windows: int = 8, progress: Progress | None = None, targets: list[str] | None = None) -> dict:
+    """The evaluation report (plain JSON-able data); see the module docstring. ``targets``: the
+    edit effect's target tokens (default: the edited features' top logit-lens tokens)."""
     if dictionary not in dictionaries:
         raise EditError(f"unknown dictionary {dictionary!r} (loaded: {', '.join(sorted(dictionaries)) or 'none'})",
                         "dictionary")
@@ -141,6 +145,12 @@ def evaluate(loaded, dictionaries: dict, dictionary: str, *, edits: list[EditSpe
     }
     if not edits:
         report["ce"]["edited"]["note"] = "no edits: the edited run is the clean run"
+    else:
+        from editing.edit_effect import edit_effect
+
+        report["edit_effect"] = edit_effect(loaded, dictionaries, edits, windows, targets=targets,
+                                            batch_windows=batch_windows)
+        report["seconds"] = round(time.time() - started, 3)
     return report
 
 

@@ -132,7 +132,7 @@ def run_evaluation(job_id: str, request: dict) -> dict:
     loaded = load_model(model, progress=False)
     dictionaries = {name: store.load(name) for name in names}
     report = evaluate(loaded, dictionaries, request["dictionary"], edits=edits, corpus=request["corpus"],
-                      tokens=request["tokens"],
+                      tokens=request["tokens"], targets=request.get("target_tokens") or None,
                       progress=lambda fraction, message: jobs.update(job_id, progress=fraction, message=message))
     jobs.finish(job_id, "succeeded", progress=1.0, message="done", result=report)
     return report

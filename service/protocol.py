@@ -227,7 +227,11 @@ class EvaluationJobRequest(_Model):
     edits: list[EditSpec] = Field(default_factory=list, max_length=32)
     corpus: str = Field(default="builtin:pydocs/heldout", min_length=1, max_length=512)
     tokens: int = Field(default=32768, ge=128, le=4_000_000)
-    model: str | None = None
+    model: str | None = Field(default=None, description="The model to load (default: the dictionary's), or "
+                                                         "BASE+PRESET: the preset's edits come before these edits.")
+    target_tokens: list[str] = Field(default_factory=list, max_length=32,
+                                     description="The edit effect's target tokens (each one token); default: the "
+                                                 "edited features' top logit-lens tokens.")
 
 
 class TrainingJobRequest(_Model):

@@ -4,7 +4,7 @@ import asyncio
 
 from fastapi import Request
 
-from service.http import app, counted, METRICS, _request_body
+from service.http import app, counted, error_responses, METRICS, _request_body
 from service.jobs import FINISHED, run_evaluation, run_training
 from service.protocol import ApiError, EvaluationJobRequest, TrainingJobRequest
 
@@ -63,13 +63,18 @@ class JobRoutes:
         self.jobs.finish(job_id, "cancelled", message="cancelled by the caller")
         return self._job(kind, job_id)
 
-    @app.post("/v1/evaluations", status_code=202, openapi_extra=_request_body(EvaluationJobRequest))
+    @app.post("/v1/evaluations", status_code=202, openapi_extra=_request_body(EvaluationJobRequest),
+              responses=error_responses(400, 401, 403, 404, 413, 429, 500))
     @counted("POST", "/v1/evaluations")
     async def create_evaluation(self, request: Request) -> dict:
         from dictionaries.store import DictionaryStore
+        from service.presets import merged_edits
 
         self._allow(request)
         body = await self._body(request, EvaluationJobRequest)
+        if body.model and "+" in body.model and body.model not in self.models:  # BASE+PRESET
+            _, base, _, preset = self._steer(body.model)
+            body = body.model_copy(update={"model": base, "edits": merged_edits(preset, body.edits)})
         store = DictionaryStore()
         if body.dictionary not in store:
             raise ApiError(404, f"no dictionary named {body.dictionary!r} in the store", type="not_found_error",

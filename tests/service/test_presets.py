@@ -115,3 +115,41 @@ def test_presets_need_the_admin_role_with_keys(server):
         assert requests.delete(base + "/v1/presets/keyed", headers=admin, timeout=60).status_code == 200
     finally:
         serve.delete("presets-keys")
+
+
+def test_an_evaluation_job_reports_the_edit_effect_of_a_preset(server, pythia_tiny, default_dictionary, preset):
+    """``model: BASE+PRESET`` on an evaluation: the preset's edits, then the request's, with the
+    edit effect on the given target tokens; equal to the in-process evaluator."""
+    import time
+
+    from editing.evaluate import evaluate
+
+    own = [{"dictionary": DEFAULT, "feature": 3, "op": "ablate"}]
+    body = {"dictionary": DEFAULT, "tokens": 1024, "model": "pythia-tiny+test-formal", "edits": own,
+            "target_tokens": [" list", " the"]}
+    created = requests.post(server + "/v1/evaluations", json=body, timeout=30)
+    assert created.status_code == 202, created.text
+    deadline = time.time() + 300
+    while time.time() < deadline:  # bounded polling of loopback
+        record = requests.get(f"{server}/v1/evaluations/{created.json()['id']}", timeout=30).json()
+        if record["status"] in ("succeeded", "failed", "cancelled"):
+            break
+        time.sleep(0.5)
+    assert record["status"] == "succeeded", record["error"]
+    effect = record["result"]["edit_effect"]
+    assert [e["feature"] for e in effect["edits"]] == [11, 3, 3] and effect["targets_from"] == "given"
+    assert [t["token"] for t in effect["targets"]] == [" list", " the"]
+    dictionaries = {DEFAULT: default_dictionary[1], "random-l1": preset_dictionary()}
+    local = evaluate(pythia_tiny, dictionaries, DEFAULT, tokens=1024, targets=[" list", " the"],
+                     edits=[EditSpec(**e) for e in EDITS + own])["edit_effect"]
+    assert effect["target_effect"]["mean"] == pytest.approx(local["target_effect"]["mean"], abs=1e-5)
+    assert effect["side_effect"]["kl_heldout"]["mean"] == pytest.approx(local["side_effect"]["kl_heldout"]["mean"],
+                                                                        rel=1e-4)
+    bad = requests.post(server + "/v1/evaluations", json={**body, "model": "pythia-tiny+nope"}, timeout=30)
+    assert bad.status_code == 404 and bad.json()["error"]["param"] == "model"
+
+
+def preset_dictionary():
+    from dictionaries.store import DictionaryStore
+
+    return DictionaryStore().load("random-l1")
