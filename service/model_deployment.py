@@ -81,7 +81,7 @@ class ModelDeployment:
         return self.server.submit(self.server.check(request), on_update=put("update") if stream else None,
                                   on_done=put("done"))
 
-    async def generate(self, request: GenerateRequest, text_pieces: bool = False) -> dict:
+    async def generate(self, request: GenerateRequest) -> dict:
         async def work():
             events: asyncio.Queue = asyncio.Queue()
             handle = self._submit(request, events, stream=False)
@@ -92,7 +92,7 @@ class ModelDeployment:
                     self.server.cancel(handle)
             if handle.error is not None:
                 raise self.server.request_error(handle.error)
-            return self.server.response(handle.result, text_pieces=text_pieces)
+            return self.server.response(handle.result)
         return await self._call(work)
 
     async def complete(self, body: CompletionRequest, edits: list) -> dict:

@@ -43,9 +43,12 @@ def lm_eval_python():
     return ensure_lm_eval_venv()
 
 
-@pytest.fixture(scope="module")
-def task_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("lm-eval-task")
+def write_task(directory) -> Path:
+    """The task ``steer_mc``: a jsonl of ITEMS and a task YAML reading it with ``dataset_path: json``.
+    ``python -c "from tests.service.test_lm_eval import write_task; write_task('steer_task')"``
+    writes it for a run by hand (README)."""
+    directory = Path(directory).resolve()
+    directory.mkdir(parents=True, exist_ok=True)
     data = directory / "steer_mc.jsonl"
     data.write_text("".join(json.dumps({"context": c, "choices": ch, "answer": a}) + "\n" for c, ch, a in ITEMS))
     (directory / "steer_mc.yaml").write_text(f"""task: steer_mc
@@ -66,6 +69,11 @@ metadata:
   version: 1.0
 """)
     return directory
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    return write_task(tmp_path_factory.mktemp("lm-eval-task"))
 
 
 def run_lm_eval(python: Path, task_dir: Path, out: Path, model: str, model_args: str) -> tuple[float, list[list[float]]]:
