@@ -143,3 +143,16 @@ def test_scoring_requests_are_checked(engine):
     with pytest.raises(EditError) as caught:
         engine.generate([GenerationRequest("x", prompt_logprobs=True, top_logprobs=-1)])
     assert caught.value.param.endswith("top_logprobs")
+
+
+def test_a_scoring_request_retires_in_the_step_that_reads_its_last_chunk(engine):
+    scheduler = engine.scheduler(SchedulerLimits(max_running_rows=4, prefill_chunk_tokens=8))
+    ids = _ids(engine, PROMPTS[4])
+    handle = scheduler.submit(GenerationRequest(PROMPTS[4], max_new_tokens=0, prompt_logprobs=True))
+    steps = 0
+    while not handle.done:
+        scheduler.step()
+        steps += 1
+    assert steps == -(-len(ids) // 8)  # one prefill chunk a step, nothing after the last
+    assert scheduler.batch.n_rows == 0 and scheduler.tokens_in_flight == 0
+    assert handle.result.tokens == [] and len(handle.result.prompt_logprobs) == len(ids)
