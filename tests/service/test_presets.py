@@ -153,3 +153,20 @@ def preset_dictionary():
     from dictionaries.store import DictionaryStore
 
     return DictionaryStore().load("random-l1")
+
+
+def test_cli_manages_presets(server, capsys):
+    from clients.cli import main
+
+    assert main(["preset", "put", "cli-demo", "--edit", f"{DEFAULT}:11:set:6", "--edit", f"{DEFAULT}:3:ablate@prompt",
+                 "--description", "from the CLI", "--server", server]) == 0
+    assert '"model": "pythia-tiny+cli-demo"' in capsys.readouterr().out
+    assert main(["preset", "list", "--server", server]) == 0
+    listed = capsys.readouterr().out
+    assert "pythia-tiny+cli-demo" in listed and f"{DEFAULT}:3:ablate@prompt" in listed and "from the CLI" in listed
+    assert main(["preset", "show", "cli-demo", "--server", server]) == 0
+    assert json.loads(capsys.readouterr().out)["edits"][1] == {"dictionary": DEFAULT, "feature": 3, "op": "ablate",
+                                                             "positions": "prompt"}
+    assert main(["preset", "rm", "cli-demo", "--server", server]) == 0
+    assert main(["preset", "rm", "cli-demo", "--server", server]) == 2  # a 404: one line, no traceback
+    assert "no preset named" in capsys.readouterr().err
