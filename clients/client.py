@@ -6,6 +6,7 @@
                           edits=[Ablate("pythia-tiny-l2", 312), Scale("pythia-tiny-l2", 77, 4.0)])
     out["text"], out["baseline"]["text"], out["edit_report"]
     for chunk in client.complete("def main(", max_tokens=16, stream=True): ...
+    client.put_preset("formal", [Scale("pythia-tiny-l2", 77, 4.0)])   # admin; then "model": "pythia-tiny+formal"
 
 Calls that are safe to repeat (GET, PUT, DELETE) are retried after a connection error; a
 POST is not (a job could start twice). A 503 or 429 with ``Retry-After`` means the server
@@ -135,11 +136,14 @@ class Client:
                                        else {"dictionary": return_features[0], "top_k": return_features[1]})
         return self._json("POST", "/v1/generate", body)
 
-    def complete(self, prompt: str, *, model: str | None = None, max_tokens: int = 16, temperature: float = 1.0,
+    def complete(self, prompt: str | list, *, model: str | None = None, max_tokens: int = 16, temperature: float = 1.0,
                  top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None, edits: list[dict] = (),
-                 stream: bool = False) -> dict | Iterator[dict]:
+                 stream: bool = False, echo: bool = False, logprobs: int | None = None) -> dict | Iterator[dict]:
+        """OpenAI-style completion; ``prompt`` may be a string, strings, token ids or token-id lists;
+        ``echo=True, max_tokens=0, logprobs=N`` scores a text without generating."""
         body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
-                "stop": list(stop or []) or None, "edits": list(edits), "stream": stream}
+                "stop": list(stop or []) or None, "edits": list(edits), "stream": stream, "echo": echo,
+                "logprobs": logprobs}
         if model:
             body["model"] = model
         if not stream:
@@ -185,11 +189,30 @@ class Client:
     def undeploy(self, name: str, model: str | None = None) -> dict:
         return self._json("DELETE", f"/v1/dictionaries/{name}/deploy", {"model": model} if model else None)
 
+    # --- steering presets -----------------------------------------------------------------------------
+
+    def presets(self) -> list[dict]:
+        return self._json("GET", "/v1/presets")["data"]
+
+    def preset(self, name: str) -> dict:
+        return self._json("GET", f"/v1/presets/{name}")
+
+    def put_preset(self, name: str, edits: list[dict], *, model: str | None = None, description: str = "") -> dict:
+        """Store a named edit list (admin); any request then selects it as ``"model": "BASE+NAME"``."""
+        body = {"edits": list(edits), "description": description}
+        if model:
+            body["model"] = model
+        return self._json("PUT", f"/v1/presets/{name}", body)
+
+    def delete_preset(self, name: str) -> dict:
+        return self._json("DELETE", f"/v1/presets/{name}")
+
     # --- jobs -------------------------------------------------------------------------------------------
 
     def evaluate(self, dictionary: str, *, edits: list[dict] = (), corpus: str = "builtin:pydocs/heldout",
-                 tokens: int = 32768, model: str | None = None) -> dict:
-        body = {"dictionary": dictionary, "edits": list(edits), "corpus": corpus, "tokens": tokens}
+                 tokens: int = 32768, model: str | None = None, target_tokens: list[str] = ()) -> dict:
+        body = {"dictionary": dictionary, "edits": list(edits), "corpus": corpus, "tokens": tokens,
+                "target_tokens": list(target_tokens)}
         if model:
             body["model"] = model
         return self._json("POST", "/v1/evaluations", body)

@@ -1,7 +1,12 @@
 """``steerserve eval``: what a dictionary, and optionally a set of edits, costs in next-token loss.
 
     steerserve eval --dictionary pythia-tiny-l2 [--edit DICT:FEATURE:OP[:VALUE]]... [--tokens N] [--json]
+    steerserve eval --dictionary pythia-tiny-l2 --edit pythia-tiny-l2:77:ablate --target " list"   # edit effect
     steerserve eval --dictionary pythia-tiny-l2 --feature 77        # one feature's effect and logit lens
+
+The report has CE and KL of the clean / spliced / zero-ablated / edited runs, SAEBench's core
+metrics of the dictionary and, with edits, what the edits do (target effect) and cost
+beside it (side effect), with standard errors.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ def _eval(args) -> int:
 
         return _remote(args, "evaluations", lambda client: client.evaluate(
             args.dictionary, edits=[_edit_dict(e) for e in args.edit or []], corpus=args.corpus, tokens=args.tokens,
-            model=args.model))
+            model=args.model, target_tokens=args.target or []))
     from tqdm.auto import tqdm
 
     from editing.evaluate import evaluate, feature_effect
@@ -75,11 +80,14 @@ def _eval(args) -> int:
         bar.set_postfix_str(message)
 
     report = evaluate(loaded, dictionaries, args.dictionary, edits=edits, corpus=args.corpus, tokens=args.tokens,
-                      progress=progress)
+                      progress=progress, targets=args.target or None)
     bar.close()
     if args.write_metrics:
         metrics = store.info(args.dictionary)["metrics"] or {}
-        metrics.update({"ce_loss_recovered": report["ce_loss_recovered"]["mean"],
+        from editing.core_metrics import flat
+
+        metrics.update({**flat(report["core"]), "core": report["core"],
+                        "ce_loss_recovered": report["ce_loss_recovered"]["mean"],
                         "kl_spliced": report["kl"]["spliced"]["mean"],
                         "ce_clean": report["ce"]["clean"]["mean"], "ce_spliced": report["ce"]["spliced"]["mean"],
                         "ce_zero": report["ce"]["zero"]["mean"], "evaluation": report})
@@ -99,14 +107,49 @@ def _eval(args) -> int:
     for label, value in rows:
         print(f"  {label:<18} {value['mean']:>10.4f} ± {value['se']:.4f}")
     print(f"  {'dead fraction':<18} {report['dead_fraction']:>10.4f}   (over {report['dead_window_tokens']} tokens)")
+    _print_core(report["core"])
+    if "edit_effect" in report:
+        _print_effect(report["edit_effect"])
     print(f"  {report['tokens_per_second']:.0f} tokens/s")
     return 0
+
+
+def _print_core(core: dict) -> None:
+    print("  SAEBench core metrics")
+    for label, key in (("KL score", "kl_div_score"), ("cosine(x, x̂)", "cossim"), ("L2 ratio", "l2_ratio"),
+                       ("recon. bias", "relative_reconstruction_bias"), ("L1", "l1")):
+        print(f"    {label:<16} {core[key]['mean']:>10.4f} ± {core[key]['se']:.4f}")
+    print(f"    {'alive':<16} {core['frac_alive']:>10.4f}   firing on >1%: {core['freq_over_1_percent']:.4f}, "
+          f">10%: {core['freq_over_10_percent']:.4f}")
+    histogram = core["log_density_histogram"]
+    edges, counts = histogram["edges"], histogram["counts"]
+    peak = max(counts) or 1
+    print(f"    log10 density    (dead: {histogram['dead']})")
+    for lo, hi, count in zip(edges, edges[1:], counts):
+        if count:
+            print(f"    [{lo:5.1f}, {hi:4.1f})  {count:>6}  {'#' * max(1, round(30 * count / peak))}")
+
+
+def _print_effect(effect: dict) -> None:
+    targets = ", ".join(repr(t["token"]) for t in effect["targets"])
+    print(f"  edit effect        targets {targets} ({effect['targets_from']})")
+    target, side = effect["target_effect"], effect["side_effect"]
+    print(f"    target effect    {target['mean']:>+10.4f} ± {target['se']:.4f} nats at {target['positions']} aimed positions")
+    other = side["kl_other_positions"]
+    print(f"    KL other pos.    {other['mean']:>10.3e} ± {other['se']:.1e} at {other['positions']} positions; "
+          f"ΔCE {side['delta_ce_other_positions']['mean']:+.3e}")
+    print(f"    KL held-out      {side['kl_heldout']['mean']:>10.3e} ± {side['kl_heldout']['se']:.1e}; "
+          f"ΔCE {side['delta_ce_heldout']['mean']:+.3e} ± {side['delta_ce_heldout']['se']:.1e}")
+    ratio = effect["ratio"]
+    print(f"    ratio            {'-' if ratio is None else f'{ratio:10.2f}'} (|target effect| / KL at other positions)")
 
 
 def add_commands(commands) -> None:
     parser = commands.add_parser("eval", help="evaluate a dictionary (and edits) by next-token loss")
     parser.add_argument("--dictionary", required=True)
     parser.add_argument("--edit", action="append", help="DICT:FEATURE:OP[:VALUE], repeatable")
+    parser.add_argument("--target", action="append", help="a target token of the edit effect (one token, e.g. ' list'), "
+                        "repeatable; default: the edited features' top logit-lens tokens")
     parser.add_argument("--feature", type=int, help="report one feature's ablation effect and logit lens instead")
     parser.add_argument("--corpus", default="builtin:pydocs/heldout",
                         help="locally a corpus spec; with --server a corpus the server exposes, by name")

@@ -13,8 +13,13 @@ computes, on identical windows:
 with CE (nats a token) and perplexity of each; ``ce_loss_recovered = (CE_zero −
 CE_spliced)/(CE_zero − CE_clean)``; KL(clean ‖ spliced) and KL(clean ‖ edited) per token,
 averaged; and the dictionary's fvu = Σ‖x − x̂‖²/Σ‖x − μ‖², l0 and dead fraction over the
-same tokens. Every figure comes with its standard error over windows. The layers below
+same tokens; and SAEBench's core metrics (:mod:`editing.core_metrics`: KL score, cosine,
+L2 ratio, relative reconstruction bias, L1, alive and frequent features, log-density
+histogram) under ``core``. Every figure comes with its standard error over windows. The layers below
 the hook run once a batch; clean, spliced and zero share them (:func:`logits_from_hook`).
+
+With edits, ``edit_effect`` reports what they cost beside what they do (target effect, side
+effect, their ratio; :mod:`editing.edit_effect`) on the same windows.
 
 ``feature_effect`` gives one feature's logit lens and the change in next-token loss when it
 is ablated, at the positions where it fires.
@@ -30,11 +35,13 @@ from typing import Callable
 
 import torch
 
+from editing.core_metrics import CoreMetrics
 from editing.corpora import open_corpus, token_windows
 from editing.engine.edit_tables import static_tables
 from editing.edits import EditError, EditSpec, validate_edits
 from editing.lens import logit_lens, logits_from_hook
 from editing.nethook import Trace
+from editing.stats import mean_se as _mean_se, ratio_se as _ratio_se
 
 Progress = Callable[[float, str], None]
 
@@ -54,28 +61,6 @@ def _token_kl(clean: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return (clean.exp() * (clean - other)).sum(-1)
 
 
-def _mean_se(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, float("nan")
-    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(variance / n)
-
-
-def _ratio_se(numerators: list[float], denominators: list[float]) -> tuple[float, float]:
-    """Ratio of means with a delta-method standard error."""
-    n = len(numerators)
-    a, b = sum(numerators) / n, sum(denominators) / n
-    ratio = a / b if b else float("nan")
-    if n < 2 or not b:
-        return ratio, float("nan")
-    var_a = sum((x - a) ** 2 for x in numerators) / (n - 1)
-    var_b = sum((y - b) ** 2 for y in denominators) / (n - 1)
-    cov = sum((x - a) * (y - b) for x, y in zip(numerators, denominators)) / (n - 1)
-    return ratio, math.sqrt(max(0.0, (var_a - 2 * ratio * cov + ratio**2 * var_b) / n)) / abs(b)
-
-
 def evaluation_windows(loaded, corpus: str, tokens: int, context_length: int) -> torch.Tensor:
     windows = max(1, tokens // context_length)
     return token_windows(open_corpus(corpus), loaded.tokenizer, context_length, max_windows=windows)  # (W, T)
@@ -84,8 +69,9 @@ def evaluation_windows(loaded, corpus: str, tokens: int, context_length: int) ->
 @torch.no_grad()
 def evaluate(loaded, dictionaries: dict, dictionary: str, *, edits: list[EditSpec] | tuple = (),
              corpus: str = "builtin:pydocs/heldout", tokens: int = 32768, context_length: int = 128,
-             batch_windows: int = 8, progress: Progress | None = None) -> dict:
-    """The evaluation report (plain JSON-able data); see the module docstring."""
+             batch_windows: int = 8, progress: Progress | None = None, targets: list[str] | None = None) -> dict:
+    """The evaluation report (plain JSON-able data); see the module docstring. ``targets``: the
+    edit effect's target tokens (default: the edited features' top logit-lens tokens)."""
     if dictionary not in dictionaries:
         raise EditError(f"unknown dictionary {dictionary!r} (loaded: {', '.join(sorted(dictionaries)) or 'none'})",
                         "dictionary")
@@ -102,6 +88,7 @@ def evaluate(loaded, dictionaries: dict, dictionary: str, *, edits: list[EditSpe
     per_window = {key: [] for key in ("clean", "spliced", "zero", "edited", "kl_spliced", "kl_edited", "fvu", "l0")}
     sum_x, sum_x2, sum_err, n_tokens, l0_sum = 0.0, 0.0, 0.0, 0, 0.0
     fired = torch.zeros(sae.config.d_sae, dtype=torch.bool, device=device)
+    core = CoreMetrics(sae.config.d_sae)
     for start in range(0, len(windows), batch_windows):
         ids = windows[start : start + batch_windows].to(device)  # (b, T)
         with Trace(model, hook, stop=True) as trace:
@@ -117,7 +104,9 @@ def evaluate(loaded, dictionaries: dict, dictionary: str, *, edits: list[EditSpe
 
         for name, log_probs in (("clean", clean), ("spliced", spliced), ("zero", zero), ("edited", edited)):
             per_window[name] += _token_ce(log_probs, ids).mean(-1).tolist()
-        per_window["kl_spliced"] += _token_kl(clean, spliced).mean(-1).tolist()
+        kl_spliced = _token_kl(clean, spliced).mean(-1)  # (b,)
+        per_window["kl_spliced"] += kl_spliced.tolist()
+        core.add(x, reconstruction, f, kl_zero=_token_kl(clean, zero).mean(-1), kl_spliced=kl_spliced)
         per_window["kl_edited"] += _token_kl(clean, edited).mean(-1).tolist() if edits else [0.0] * len(ids)
         xf, errors = x.float(), (reconstruction.float() - x.float())
         window_var = (xf - xf.mean(1, keepdim=True)).pow(2).sum((1, 2))
@@ -153,12 +142,19 @@ def evaluate(loaded, dictionaries: dict, dictionary: str, *, edits: list[EditSpe
         "l0": {"mean": l0_sum / n_tokens, "se": _mean_se(per_window["l0"])[1]},
         "dead_fraction": float((~fired).float().mean()),
         "dead_window_tokens": n_tokens,
+        "core": core.report(),
         "edits": [edit.model_dump() for edit in edits],
         "seconds": round(seconds, 3),
         "tokens_per_second": n_tokens / seconds if seconds else None,
     }
     if not edits:
         report["ce"]["edited"]["note"] = "no edits: the edited run is the clean run"
+    else:
+        from editing.edit_effect import edit_effect
+
+        report["edit_effect"] = edit_effect(loaded, dictionaries, edits, windows, targets=targets,
+                                            batch_windows=batch_windows)
+        report["seconds"] = round(time.time() - started, 3)
     return report
 
 

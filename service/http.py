@@ -17,8 +17,9 @@ from service.protocol import (
     CompletionRequest,
     EvaluationJobRequest,
     GenerateRequest,
-    InspectRequest,
     ErrorEnvelope,
+    InspectRequest,
+    PresetRequest,
     TrainingJobRequest,
     error_body,
     validation_param,
@@ -41,7 +42,8 @@ def _openapi(served: FastAPI) -> dict:
     served.openapi_schema = None
     schema = FastAPI.openapi(served)  # FastAPI's own walk of the (re-mounted) routes
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for model in (GenerateRequest, CompletionRequest, InspectRequest, EvaluationJobRequest, TrainingJobRequest):
+    for model in (GenerateRequest, CompletionRequest, InspectRequest, EvaluationJobRequest, TrainingJobRequest,
+                  PresetRequest):
         full = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(full.pop("$defs", {}))
         components[model.__name__] = full

@@ -33,11 +33,12 @@ from service.protocol import ApiError, validation_param
 from service.routes.dictionaries import DictionaryRoutes
 from service.routes.generation import GenerationRoutes
 from service.routes.jobs import JobRoutes
+from service.routes.presets import PresetRoutes
 from service.routes.table import route
 from service.ui import PageRoutes
 
 
-class HttpApi(GenerationRoutes, DictionaryRoutes, JobRoutes, PageRoutes):
+class HttpApi(GenerationRoutes, DictionaryRoutes, JobRoutes, PageRoutes, PresetRoutes):
     def __init__(self, models: dict, limits: dict, api_keys: list[dict] | None = None,
                  registry_name: str | None = None, corpora: dict | None = None):
         """``api_keys``: digests (:func:`service.access.resolve_keys`, run where the app is built)."""
@@ -125,8 +126,9 @@ class HttpApi(GenerationRoutes, DictionaryRoutes, JobRoutes, PageRoutes):
 
     @route("GET", "/v1/models", role="user")
     async def list_models(self, request: Request) -> dict:
+        """The served models, then every steering preset as ``BASE+PRESET`` (usable as a model)."""
         cards = [_unwrap(await handle.describe.remote()) for handle in self.models.values()]
-        return {"object": "list", "data": cards}
+        return {"object": "list", "data": cards + self._preset_cards()}
 
 
 Ingress = serve.deployment(name="Ingress", max_ongoing_requests=256)(serve.ingress(app)(HttpApi))

@@ -191,7 +191,8 @@ def run_evaluation(job_id: str, request: dict) -> dict:
     loaded = load_model(request["model"], progress=False)  # a served model, checked at submission
     dictionaries = {name: store.load(name) for name in names}
     report = evaluate(loaded, dictionaries, request["dictionary"], edits=edits, corpus=request["corpus_source"],
-                      tokens=request["tokens"], progress=lambda fraction, message: jobs.progress(job_id, fraction, message))
+                      tokens=request["tokens"], targets=request.get("target_tokens") or None,
+                      progress=lambda fraction, message: jobs.progress(job_id, fraction, message))
     report["corpus"] = request["corpus"]  # the name the caller used, not the server's source
     _finish_or_leave_it(jobs, job_id, report, "done")
     return report

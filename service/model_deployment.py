@@ -18,7 +18,7 @@ from ray import serve
 
 from service.metrics import ReplicaMetrics
 from service.model_server import DeltaStreamer, Limits, ModelConfig, ModelServer
-from service.protocol import ApiError, GenerateRequest, InspectRequest
+from service.protocol import ApiError, CompletionRequest, GenerateRequest, InspectRequest
 
 HEALTHY_WITHIN_S = 60.0  # a scheduler step (bounded by the prefill budget) never takes this long
 
@@ -86,7 +86,7 @@ class ModelDeployment:
         return self.server.submit(self.server.check(request), on_update=put("update") if stream else None,
                                   on_done=put("done"))
 
-    async def generate(self, request: GenerateRequest, text_pieces: bool = False) -> dict:
+    async def generate(self, request: GenerateRequest) -> dict:
         async def work():
             events: asyncio.Queue = asyncio.Queue()
             handle = self._submit(request, events, stream=False)
@@ -97,7 +97,33 @@ class ModelDeployment:
                     self.server.cancel(handle)
             if handle.error is not None:
                 raise self.server.request_error(handle.error)
-            return self.server.response(handle.result, text_pieces=text_pieces)
+            return self.server.response(handle.result)
+        return await self._call(work)
+
+    async def complete(self, body: CompletionRequest, edits: list) -> dict:
+        """A non-streamed completion: every prompt is its own request in the scheduler (batched
+        with everything else), under ``edits``; the answer is OpenAI's ``choices`` and ``usage``."""
+        from service.completions import completion_body, engine_requests
+
+        async def work():
+            requests = engine_requests(self.server, body, edits)
+            events: asyncio.Queue = asyncio.Queue()
+            loop = asyncio.get_running_loop()
+            handles = []
+            try:
+                for request in requests:
+                    handles.append(self.server.submit(
+                        request, on_done=lambda _: loop.call_soon_threadsafe(events.put_nowait, None)))
+                for _ in handles:
+                    await events.get()
+            finally:
+                for handle in handles:
+                    if not handle.done:  # cancelled (the caller went away) or a later prompt was refused
+                        self.server.cancel(handle)
+            for handle in handles:
+                if handle.error is not None:
+                    raise self.server.request_error(handle.error)
+            return await asyncio.to_thread(completion_body, self.server, body, [h.result for h in handles])
         return await self._call(work)
 
     async def generate_stream(self, request: GenerateRequest):

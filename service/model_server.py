@@ -45,6 +45,8 @@ class Limits:
     """Evaluation and training jobs one API key may have queued or running at once; past it, 429."""
     job_cpus: float = 1.0
     """CPUs a job's Ray task reserves."""
+    max_logprobs: int = 5
+    """Cap on /v1/completions' ``logprobs`` (top-N alternatives a token)."""
 
     def scheduler_limits(self) -> SchedulerLimits:
         return SchedulerLimits(max_running_rows=self.max_running_rows, max_queued_requests=self.max_queued_requests,
@@ -213,8 +215,8 @@ class ModelServer:
             raise self.request_error(handle.error)
         return handle.result
 
-    def response(self, result, *, text_pieces: bool = False) -> dict:
-        """The wire response; ``text_pieces`` adds one text delta a token (completions' logprobs)."""
+    def response(self, result) -> dict:
+        """The native wire response of a result."""
         body = {
             "id": f"gen-{uuid.uuid4().hex[:16]}",
             "model": self.config.name,
@@ -227,12 +229,11 @@ class ModelServer:
             "features": result.features,
             "baseline": {"text": result.baseline.text, "tokens": result.baseline.tokens} if result.baseline else None,
         }
-        if text_pieces:
-            body["text_pieces"] = self.text_pieces(result)
         return body
 
     def text_pieces(self, result) -> list[str]:
-        """One text delta a token, concatenating to ``result.text``: what streaming would have sent."""
+        """One text delta a generated token, concatenating to ``result.text``: what streaming would
+        have sent (completions' ``logprobs.tokens``)."""
         streamer, decode = DeltaStreamer(self.loaded.tokenizer, []), self.loaded.tokenizer.decode
         last = len(result.tokens)
         # each prefix clamped to the final text, which a stop string may have cut short

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from editing.edits import EditSpec
 
 MAX_PROMPT_CHARS = 20_000
+MAX_COMPLETION_PROMPTS = 64  # prompts in one /v1/completions request (each is its own choice)
+MAX_WIRE_LOGPROBS = 20  # the wire's bound on `logprobs`; the server's configured cap (Limits.max_logprobs) is lower
 
 
 class ApiError(Exception):
@@ -42,21 +44,22 @@ class ApiError(Exception):
                    headers=data.get("headers"))
 
 
+def error_body(type: str, message: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"type": type, "message": message, "param": param, "code": code}}
+
+
 class ErrorDetail(BaseModel):
-    type: str
+    type: str = Field(description="invalid_request_error, not_found_error, conflict_error, authentication_error, "
+                                  "permission_error, rate_limit_error, request_too_large, overloaded_error, server_error")
     message: str
-    param: str | None
+    param: str | None = Field(description="The field the error is about (edits[0].feature), if any.")
     code: str | None
 
 
 class ErrorEnvelope(BaseModel):
-    """Every error answer's body."""
+    """The one error envelope every 4xx/5xx answer carries."""
 
     error: ErrorDetail
-
-
-def error_body(type: str, message: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"type": type, "message": message, "param": param, "code": code}}
 
 
 def validation_param(location: tuple) -> str | None:
@@ -136,32 +139,57 @@ class GenerateResponse(BaseModel):
 
 
 class CompletionRequest(_Model):
-    """``POST /v1/completions``: OpenAI-compatible, with ``edits`` as an extension."""
+    """``POST /v1/completions``: OpenAI-compatible, with ``edits`` as an extension. The model
+    may be ``BASE+PRESET`` (a stored steering preset; see ``/v1/presets``)."""
 
-    model: str | None = None
-    prompt: str | list[str] = Field(description="A string, or a list holding exactly one string.")
-    max_tokens: int = Field(default=16, ge=1)
+    model: str | None = Field(default=None, description="A served model, or BASE+PRESET; default: the first model.")
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="A string, a list of strings, a list of token ids, or a list of token-id lists; each prompt "
+                    f"is answered as its own choice (at most {MAX_COMPLETION_PROMPTS}).")
+    max_tokens: int = Field(default=16, ge=0, description="0 (with echo) scores the prompt without generating.")
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=1, description="Only 1 is supported.")
-    stream: bool = False
+    stream: bool = Field(default=False, description="Server-sent events; one string prompt, without echo.")
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0, lt=2**63)
-    logprobs: int | None = Field(default=None, ge=0, le=0, description="0: log-probability of each chosen token.")
-    echo: Literal[False] = False
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_WIRE_LOGPROBS,
+                                 description="Log-probability of each token and of the N most likely alternatives "
+                                             "(N at most the server's max_logprobs, 5 by default).")
+    echo: bool = Field(default=False, description="Return the prompt before the completion (with its tokens' "
+                                                  "log-probabilities when logprobs is set; the first token's is null).")
     user: str | None = None
-    edits: list[EditSpec] = Field(default_factory=list, description="steerserve extension: feature edits.")
+    edits: list[EditSpec] = Field(default_factory=list, description="steerserve extension: feature edits, applied "
+                                                                    "after a preset's.")
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, value):
-        if isinstance(value, list):
-            if len(value) != 1:
-                raise ValueError("a list prompt must hold exactly one string")
-            value = value[0]
-        if not value or len(value) > MAX_PROMPT_CHARS:
-            raise ValueError(f"the prompt must be 1 to {MAX_PROMPT_CHARS} characters")
+    def _prompts(cls, value):
+        prompts = [value] if isinstance(value, str) or (value and isinstance(value[0], int)) else list(value)
+        if not prompts:
+            raise ValueError("the prompt list is empty")
+        if len(prompts) > MAX_COMPLETION_PROMPTS:
+            raise ValueError(f"at most {MAX_COMPLETION_PROMPTS} prompts a request")
+        for prompt in prompts:
+            if isinstance(prompt, str) and not 0 < len(prompt) <= MAX_PROMPT_CHARS:
+                raise ValueError(f"each prompt must be 1 to {MAX_PROMPT_CHARS} characters")
+            if not isinstance(prompt, str) and (not prompt or any(t < 0 for t in prompt)):
+                raise ValueError("a token-id prompt must hold at least one id, each >= 0")
         return value
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "CompletionRequest":
+        if self.max_tokens == 0 and not self.echo:
+            raise ApiError(400, "max_tokens 0 generates nothing: it only scores the prompt, so set echo: true",
+                           param="max_tokens")
+        if self.stream and (self.echo or len(self.prompts()) != 1 or not isinstance(self.prompts()[0], str)):
+            raise ApiError(400, "stream supports one string prompt without echo", param="stream")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """Every prompt, in order: strings or token-id lists."""
+        value = self.prompt
+        return [value] if isinstance(value, str) or isinstance(value[0], int) else list(value)
 
     @field_validator("stop")
     @classmethod
@@ -172,9 +200,18 @@ class CompletionRequest(_Model):
         return stops
 
     def to_generate(self) -> GenerateRequest:
-        return GenerateRequest(model=self.model, prompt=self.prompt, max_new_tokens=self.max_tokens,
+        """The native request of a streamed completion (one string prompt)."""
+        return GenerateRequest(model=self.model, prompt=self.prompts()[0], max_new_tokens=self.max_tokens,
                                temperature=self.temperature, top_p=self.top_p, seed=self.seed, stop=self.stop or [],
                                edits=self.edits)
+
+
+class PresetRequest(_Model):
+    """``PUT /v1/presets/{name}`` (admin): a named list of edits, selected as ``"model": "BASE+NAME"``."""
+
+    model: str | None = Field(default=None, description="The served model the preset is for; default: the first.")
+    edits: list[EditSpec] = Field(min_length=1, description="Applied in order, before a request's own edits.")
+    description: str = Field(default="", max_length=500)
 
 
 class InspectRequest(_Model):
@@ -195,8 +232,12 @@ class EvaluationJobRequest(_Model):
                         description="A corpus the server exposes, by name (optionally NAME/train or NAME/heldout "
                                     "for a builtin one); never a path.")
     tokens: int = Field(default=32768, ge=128, le=4_000_000)
-    model: str | None = Field(default=None, description="A model the server serves; default: the dictionary's "
-                                                        "own when served, else the first one.")
+    model: str | None = Field(default=None, description="A model the server serves (default: the dictionary's own "
+                                                        "when served, else the first one), or BASE+PRESET: the "
+                                                        "preset's edits come before these edits.")
+    target_tokens: list[str] = Field(default_factory=list, max_length=32,
+                                     description="The edit effect's target tokens (each one token); default: the "
+                                                 "edited features' top logit-lens tokens.")
 
 
 class TrainingJobRequest(_Model):

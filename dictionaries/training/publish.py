@@ -2,7 +2,9 @@
 
 For each member: a :class:`~dictionaries.sae.Dictionary` (its input scale stored as the
 ``scale`` normalisation), ``metrics.json`` measured on held-out tokens (fvu, l0, dead
-fraction with its window, and the training-window dead fraction), and per-feature
+fraction with its window, the training-window dead fraction, and SAEBench's core metrics:
+KL score, cosine, L2 ratio, relative reconstruction bias, L1, alive and frequent features
+with a log-density histogram under ``core``), and per-feature
 statistics measured on held-out windows:
 
     features.safetensors   density [F], mean_activation [F] (over firing tokens),
@@ -24,6 +26,7 @@ from safetensors.torch import save
 
 from dictionaries.config import DictionaryConfig
 from dictionaries.sae import Dictionary
+from editing.core_metrics import flat, heldout_core_metrics
 from editing.corpora import open_corpus, token_windows
 from editing.lens import logit_lens
 from editing.nethook import Trace
@@ -62,7 +65,7 @@ def hook_activations(loaded, hook: str, windows: torch.Tensor, batch: int = 16):
 
 @torch.no_grad()
 def heldout_metrics(dictionaries: list[Dictionary], loaded, hook: str, windows: torch.Tensor) -> list[dict]:
-    """fvu, l0, mse and dead fraction of each dictionary on the same held-out tokens."""
+    """fvu, l0, mse, dead fraction and the core metrics of each dictionary on the same held-out tokens."""
     sums = [dict(error=0.0, l0=0.0, fired=None) for _ in dictionaries]
     total, sum_x, sum_x2 = 0, 0.0, 0.0
     for _, acts in hook_activations(loaded, hook, windows):
@@ -79,9 +82,11 @@ def heldout_metrics(dictionaries: list[Dictionary], loaded, hook: str, windows: 
             fired = (f > 0).any(0)
             acc["fired"] = fired if acc["fired"] is None else acc["fired"] | fired
     variance = sum_x2 - float(sum_x.pow(2).sum()) / total  # Σ‖x − μ‖²
+    core = heldout_core_metrics(dictionaries, loaded, hook, windows)
     return [{"fvu": acc["error"] / variance, "mse": acc["error"] / total, "l0": acc["l0"] / total,
-             "dead_fraction": float((~acc["fired"]).float().mean()), "dead_window_tokens": total}
-            for acc in sums]
+             "dead_fraction": float((~acc["fired"]).float().mean()), "dead_window_tokens": total,
+             **flat(report), "core": report}
+            for acc, report in zip(sums, core)]
 
 
 @torch.no_grad()

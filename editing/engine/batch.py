@@ -10,9 +10,16 @@ moves them together when rows join, finish their prompt or leave — TGI's
 heterogeneous sampling parameters do.
 
     batch.add(sequence)                        # joins at the end of the prompt region
-    tokens, logprobs = batch.decode()          # one token for every decoding row
+    tokens, logprobs, tops = batch.decode()    # one token for every decoding row
     firsts = batch.prefill(count, chunk)       # the next chunk of the first `count` prompt rows
     batch.reorder(decoding, promoted, prompt)  # who stays, in which region, in which order
+
+Scoring: a row whose sequence asks for it (``score_prompt``) gets the log-probability of
+every prompt token from the prefill forwards that read its prompt — each chunk's hidden
+states predict the chunk's next tokens, so nothing is kept between chunks — and rows that
+ask for ``top_n`` alternatives get the N most likely tokens at every scored position, prompt
+and generated. The LM head runs over every prompt position only for the rows that score;
+the others still get logits at their last prompt position alone.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ class RunningBatch:
         self.slot_tensors = {name: torch.zeros(0, dtype=dtype, device=self.device) for name, dtype in _SLOT_TENSORS.items()}
         self.tables: dict[int, DictionaryTable] = {}  # id(dictionary) -> its table
         self.layout = 0  # bumped whenever rows change slots
+        self.decode_top_n = 0  # the most top-N alternatives a decoding row asks for (set with the layout)
 
     @property
     def n_rows(self) -> int:
@@ -121,6 +129,7 @@ class RunningBatch:
         for slot, sequence in enumerate(order):
             sequence.slot = slot
         self.sequences, self.n_decode = order, stay + len(promoted)
+        self.decode_top_n = max((s.top_n for s in order[: self.n_decode]), default=0)
         self.layout += 1
         if left:
             for key in [key for key, table in self.tables.items() if not table.in_use()]:
@@ -151,27 +160,32 @@ class RunningBatch:
             return RowSampling(t["temperature"][rows], t["top_k"][rows], t["top_p"][rows], t["seeds"][rows], t["steps"][rows])
         return RowSampling(t["temperature"], t["top_k"], t["top_p"], t["seeds"], t["steps"]).select(rows)
 
-    def _sample(self, hidden: torch.Tensor, rows: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sample(self, hidden: torch.Tensor, rows: torch.Tensor | slice, top_n: int = 0):
+        """Sample each row's next token from ``hidden (n, d)``: ``(tokens, logprobs, tops)``; ``tops``
+        holds the ``top_n`` most likely ``(id, log p)`` a row, or is None when no row asks."""
         logits = self.head(hidden).float()  # (n, V)
         tokens = sample(logits, self._sampling(rows))  # (n,)
-        logprobs = logits.log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-        return tokens, logprobs
+        log_probs = logits.log_softmax(-1)  # (n, V)
+        logprobs = log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        return tokens, logprobs, _top(log_probs, top_n)
 
-    def decode(self) -> tuple[list[int], list[float]]:
+    def decode(self) -> tuple[list[int], list[float], list | None]:
         """One step of every decoding row: feed its last token, sample the next."""
         lo, hi = 0, self.n_decode
         window = Window(lo, hi, GENERATED, layout=self.layout)
         hidden = self._forward(self.slot_tensors["next_token"][lo:hi].unsqueeze(1), window, 1)  # (R, 1, d)
         self.cache.advance(lo, hi, 1)
-        tokens, logprobs = self._sample(hidden[:, -1], slice(lo, hi))
+        tokens, logprobs, tops = self._sample(hidden[:, -1], slice(lo, hi), self.decode_top_n)
         self.slot_tensors["next_token"][lo:hi] = tokens
         self.slot_tensors["steps"][lo:hi] += 1
-        return tokens.tolist(), logprobs.tolist()
+        return tokens.tolist(), logprobs.tolist(), tops
 
     def prefill(self, count: int, chunk: int) -> list[tuple]:
         """The next ``chunk`` (at most) prompt tokens of the first ``count`` prompt rows, in one
         right-padded forward. Returns ``(sequence, first_token, logprob)`` for the rows whose
-        prompt is now complete (their first token is sampled from its last position)."""
+        prompt is now complete (their first token is sampled from its last position), and the
+        ``top_n`` alternatives there (None when no such row asks). Rows that score their prompt
+        get this chunk's prompt log-probabilities appended to their sequence."""
         lo, hi = self.n_decode, self.n_decode + count
         rows = self.sequences[lo:hi]
         counts = [min(len(s.prompt) - s.prefilled, chunk) for s in rows]
@@ -185,6 +199,9 @@ class RunningBatch:
         window = Window(lo, hi, PROMPT, real=real.to(self.device), counts=counts_t, layout=self.layout)
         hidden = self._forward(input_ids.to(self.device), window, steps)  # (R, T, d)
         self.cache.advance(lo, hi, counts_t)
+        scoring = [r for r, sequence in enumerate(rows) if sequence.score_prompt]
+        if scoring:
+            self._score_prompts(hidden, rows, counts, scoring)
         complete = []
         for r, (sequence, n) in enumerate(zip(rows, counts)):
             sequence.prefilled += n
@@ -194,12 +211,49 @@ class RunningBatch:
             return []
         index = torch.tensor(complete, dtype=torch.long, device=self.device)
         last = hidden[index, counts_t.index_select(0, index) - 1]  # (n, d)
-        tokens, logprobs = self._sample(last, index + lo)
+        tokens, logprobs, tops = self._sample(last, index + lo, max(rows[r].top_n for r in complete))
         self.slot_tensors["next_token"][index + lo] = tokens
         self.slot_tensors["steps"][index + lo] = 1
-        return [(rows[r], token, logprob) for r, token, logprob in zip(complete, tokens.tolist(), logprobs.tolist())]
+        tops = tops or [None] * len(complete)
+        return [(rows[r], token, logprob, top)
+                for r, token, logprob, top in zip(complete, tokens.tolist(), logprobs.tolist(), tops)]
+
+    def _score_prompts(self, hidden: torch.Tensor, rows: list, counts: list[int], scoring: list[int]) -> None:
+        """Append to each scoring row the log-probabilities of the prompt tokens its chunk predicts
+        (position ``j`` of a chunk starting at ``s`` predicts ``prompt[s + j + 1]``), and their
+        top-N alternatives; a row's first prompt token has none (None). Called before ``prefilled``
+        moves on. The head runs over these rows' real positions only."""
+        width = max(counts[r] for r in scoring)
+        index = torch.tensor(scoring, dtype=torch.long, device=self.device)
+        log_probs = self.head(hidden.index_select(0, index)[:, :width]).float().log_softmax(-1)  # (r, T', V)
+        targets = torch.zeros(len(scoring), width, dtype=torch.long)
+        wanted = []  # (row, start, predicted tokens)
+        for i, r in enumerate(scoring):
+            sequence = rows[r]
+            start = sequence.prefilled
+            following = sequence.prompt[start + 1 : start + counts[r] + 1]
+            targets[i, : len(following)] = torch.tensor(following, dtype=torch.long)
+            wanted.append((sequence, start, len(following)))
+        chosen = log_probs.gather(-1, targets.to(self.device).unsqueeze(-1)).squeeze(-1).tolist()  # (r, T')
+        top_n = max(sequence.top_n for sequence, _, _ in wanted)
+        tops = _top(log_probs.flatten(0, 1), top_n)  # (r·T') lists, or None
+        for i, (sequence, start, n) in enumerate(wanted):
+            if start == 0:
+                sequence.prompt_scores.append(None)
+                sequence.prompt_top.append(None)
+            sequence.prompt_scores.extend(chosen[i][:n])
+            if sequence.top_n:
+                sequence.prompt_top.extend(top[: sequence.top_n] for top in tops[i * width : i * width + n])
 
     # --- results ----------------------------------------------------------------------------
 
     def table_of(self, dictionary) -> DictionaryTable:
         return self.tables[id(dictionary)]
+
+
+def _top(log_probs: torch.Tensor, n: int) -> list[list[tuple[int, float]]] | None:
+    """The ``n`` most likely ``(token id, log p)`` of each row of ``log_probs (R, V)``, best first."""
+    if not n:
+        return None
+    top = log_probs.topk(min(n, log_probs.shape[-1]), dim=-1)
+    return [list(zip(ids, values)) for ids, values in zip(top.indices.tolist(), top.values.tolist())]

@@ -71,8 +71,11 @@ class Engine:
         """Check a request against the model and dictionaries; return its prompt's token ids."""
         where = f"requests[{index}]"
         ids = self._prompt_ids(request.prompt, index)
-        if request.max_new_tokens < 1:
-            raise EngineError(f"{where}.max_new_tokens must be at least 1", f"{where}.max_new_tokens")
+        if request.max_new_tokens < (0 if request.prompt_logprobs else 1):
+            raise EngineError(f"{where}.max_new_tokens must be at least 1 (0 only when the prompt is scored)",
+                              f"{where}.max_new_tokens")
+        if not 0 <= request.top_logprobs <= self.model.config.vocab_size:
+            raise EngineError(f"{where}.top_logprobs must be in [0, vocabulary size]", f"{where}.top_logprobs")
         if len(ids) + request.max_new_tokens > self.max_positions:
             raise EngineError(f"{where}: {len(ids)} prompt tokens + {request.max_new_tokens} new tokens exceed the "
                               f"model's {self.max_positions} positions", f"{where}.max_new_tokens")

@@ -24,6 +24,8 @@ class GenerationRequest:
     include_baseline: bool = False
     return_features: tuple[str, int] | None = None  # (dictionary, top_k)
     ignore_eos: bool = False  # keep generating past EOS (benchmarks, fixed-length outputs)
+    prompt_logprobs: bool = False  # score every prompt token (the first has none); max_new_tokens may then be 0
+    top_logprobs: int = 0  # the N most likely tokens (id, log p) at every scored position, prompt and generated
 
 
 @dataclass
@@ -36,3 +38,8 @@ class GenerationResult:
     edit_report: list[dict] = field(default_factory=list)
     features: list[dict] | None = None
     baseline: "GenerationResult | None" = None
+    prompt_logprobs: list[float | None] | None = None  # log p(prompt[i] | prompt[:i]); None at i = 0
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None  # top-N (id, log p) a prompt position
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # top-N (id, log p) a generated token
+    eos: tuple[int, float, list[tuple[int, float]]] | None = None
+    """When the row stopped at end-of-sequence: that token, its log p and top-N (it is not in ``tokens``)."""

@@ -19,6 +19,11 @@ Each :meth:`Scheduler.step` (Orca's "schedule per iteration, not per request"):
 5. retires rows that finished (EOS, a stop string, their length, cancelled) at once,
    freeing their slot and key/value memory, and hands each request what the step produced.
 
+A request may ask for the log-probability of every prompt token (``prompt_logprobs``) and
+the top-N alternatives at each scored position (``top_logprobs``); the prefill forwards that
+read its prompt compute them. With ``max_new_tokens=0`` such a request generates nothing: it
+retires in the step that finishes reading (scoring) its prompt.
+
 A request's result does not depend on the batch: its rows are exactly the rows it gets
 alone (edits are per row; a seeded draw depends only on the seed and the row's own
 step), whoever joins or leaves around it. Past ``max_queued_requests`` waiting requests
@@ -123,12 +128,18 @@ class Sequence:
     max_new_tokens: int
     stop: tuple[str, ...]
     ignore_eos: bool
+    score_prompt: bool
+    top_n: int
     temperature: float
     top_k: int
     top_p: float
     seed: int
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    prompt_scores: list = field(default_factory=list)  # log p of each prompt token (None first), if scored
+    prompt_top: list = field(default_factory=list)  # top-N a scored prompt position (None first)
+    top: list = field(default_factory=list)  # top-N a generated token
+    eos: tuple | None = None  # (token, log p, top-N) of the end-of-sequence token that stopped the row
     prefilled: int = 0
     finish_reason: str | None = None
     text: str | None = None
@@ -217,18 +228,18 @@ class Scheduler:
         decoding = batch.sequences[: batch.n_decode]
         prompt_rows = batch.sequences[batch.n_decode :]
         if decoding:
-            tokens, logprobs = batch.decode()
+            tokens, logprobs, tops = batch.decode()
             now = time.monotonic()
-            for sequence, token, logprob in zip(decoding, tokens, logprobs):
+            for sequence, token, logprob, top in zip(decoding, tokens, logprobs, tops or [None] * len(tokens)):
                 self.observer.token_gap(now - sequence.last_token_at)
-                self._record(sequence, token, logprob, now)
+                self._record(sequence, token, logprob, top, now)
         promoted = []
         if prompt_rows:
             count, chunk = self._plan_prefill(prompt_rows)
             now_complete = batch.prefill(count, chunk)
             now = time.monotonic()
-            for sequence, token, logprob in now_complete:
-                self._record(sequence, token, logprob, now)
+            for sequence, token, logprob, top in now_complete:
+                self._record(sequence, token, logprob, top, now)
                 promoted.append(sequence)
         produced = sum(s.fresh for s in decoding + promoted)
         finished = [s for s in batch.sequences if s.finish_reason is not None]
@@ -276,7 +287,8 @@ class Scheduler:
             seed = request.seed if request.seed is not None else secrets.randbits(63)
             names = {e.dictionary for e in request.edits} | ({request.return_features[0]} if request.return_features else set())
             common = dict(prompt=list(request.prompt), max_new_tokens=request.max_new_tokens, stop=tuple(request.stop),
-                          ignore_eos=request.ignore_eos, temperature=request.temperature, top_k=request.top_k,
+                          ignore_eos=request.ignore_eos, score_prompt=request.prompt_logprobs,
+                          top_n=request.top_logprobs, temperature=request.temperature, top_k=request.top_k,
                           top_p=request.top_p, seed=seed)
             main = Sequence(handle, False, edits=tuple(request.edits), readout=request.return_features,
                             dictionaries={name: self.engine.dictionaries[name] for name in names}, **common)
@@ -312,17 +324,24 @@ class Scheduler:
 
     # --- tokens and results --------------------------------------------------------------------------
 
-    def _record(self, sequence: Sequence, token: int, logprob: float, now: float) -> None:
+    def _record(self, sequence: Sequence, token: int, logprob: float, top: list | None, now: float) -> None:
         handle = sequence.handle
         if handle.first_token is None and not sequence.baseline:
             handle.first_token = now
             self.observer.first_token(now - handle.submitted)
         sequence.last_token_at = now
+        top = top[: sequence.top_n] if top is not None and sequence.top_n else None
+        if sequence.max_new_tokens == 0:  # the prompt was only to be scored
+            sequence.finish_reason = "length"
+            return
         if token == self.eos and not sequence.ignore_eos:
             sequence.finish_reason = "stop"
+            sequence.eos = (token, logprob, top or [])
             return
         sequence.tokens.append(token)
         sequence.logprobs.append(logprob)
+        if top is not None:
+            sequence.top.append(top)
         sequence.fresh += 1
         if sequence.stop:
             text = self.engine.tokenizer.decode(sequence.tokens)
@@ -348,7 +367,10 @@ class Scheduler:
             text=sequence.text if sequence.text is not None else self.engine.tokenizer.decode(sequence.tokens),
             tokens=sequence.tokens, logprobs=sequence.logprobs,
             finish_reason=sequence.finish_reason,
-            prompt_tokens=sequence.prompt, edit_report=[entry for _, entry in report], features=features)
+            prompt_tokens=sequence.prompt, edit_report=[entry for _, entry in report], features=features,
+            prompt_logprobs=sequence.prompt_scores if sequence.score_prompt else None,
+            prompt_top_logprobs=sequence.prompt_top if sequence.score_prompt and sequence.top_n else None,
+            top_logprobs=sequence.top if sequence.top_n else None, eos=sequence.eos)
 
     def _features(self, sequence: Sequence, values, indices) -> list[dict]:
         decode = self.engine.tokenizer.decode

@@ -1,6 +1,11 @@
 """Generation routes: native ``/v1/generate`` (optionally streamed), OpenAI-compatible
 ``/v1/completions`` (optionally streamed) and ``/v1/inspect``.
 
+Every one takes ``"model": "BASE+PRESET"`` (a stored steering preset): the preset's edits
+come first, the request's own after them (:mod:`service.routes.presets`). A non-streamed
+completion may hold several prompts (each its own choice, each its own request in the
+scheduler), echo the prompt and score it (``logprobs``); see :mod:`service.completions`.
+
 A streamed answer is server-sent events relayed from the model replica: one event for what
 one or more scheduler steps produced, the last one with the full result, then
 ``data: [DONE]``. A stream that ends any other way (the replica died, an internal error)
@@ -19,6 +24,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from service.http import METRICS, _unwrap
+from service.presets import merged_edits, preset_error
 from service.protocol import ApiError, CompletionRequest, GenerateRequest, InspectRequest, error_body, validation_param
 from service.routes.table import route
 
@@ -54,6 +60,14 @@ async def relay(stream, first: dict, render):
         stream.cancel()  # a no-op when it finished; frees the row when the client went away
 
 
+def _in_completion_terms(err: ApiError) -> ApiError:
+    """A streamed completion is checked as the native request it becomes: name its fields as the
+    caller did (``max_tokens``, not ``max_new_tokens``)."""
+    if err.param == "max_new_tokens":
+        err.param, err.message = "max_tokens", err.message.replace("max_new_tokens", "max_tokens")
+    return err
+
+
 class GenerationRoutes:
     async def _open_stream(self, handle, native: GenerateRequest):
         """The replica's message stream and its first message; a refusal is a plain 4xx/503."""
@@ -64,15 +78,27 @@ class GenerationRoutes:
             _unwrap(first)
         return stream, first
 
-    @route("POST", "/v1/generate", role="user", errors=(400, 404, 503), body=GenerateRequest, streams=True)
+    @staticmethod
+    def _unwrap_steered(result: dict, preset):
+        try:
+            return _unwrap(result)
+        except ApiError as err:
+            raise preset_error(err, preset) from None
+
+    @route("POST", "/v1/generate", role="user", errors=(400, 404, 409, 503), body=GenerateRequest, streams=True)
     async def generate(self, request: Request):
         body = await self._body(request, GenerateRequest)
-        name, handle = self._handle(body.model)
+        name, base, handle, preset = self._steer(body.model)
+        if preset is not None:
+            body = body.model_copy(update={"model": base, "edits": merged_edits(preset, body.edits)})
         if not body.stream:
-            result = _unwrap(await handle.generate.remote(body))
-            METRICS.count_work(name, len(result["tokens"]), body.edits)
-            return result
-        stream, first = await self._open_stream(handle, body)
+            result = self._unwrap_steered(await handle.generate.remote(body), preset)
+            METRICS.count_work(base, len(result["tokens"]), body.edits)
+            return {**result, "model": name}
+        try:
+            stream, first = await self._open_stream(handle, body)
+        except ApiError as err:
+            raise preset_error(err, preset) from None
 
         def render(message: dict) -> dict:
             step = {key: message[key] for key in ("delta", "baseline_delta", "token_ids", "baseline_token_ids")}
@@ -83,15 +109,11 @@ class GenerationRoutes:
 
         return StreamingResponse(relay(stream, first, render), media_type="text/event-stream")
 
-    @route("POST", "/v1/completions", role="user", errors=(400, 404, 503), body=CompletionRequest, streams=True)
+    @route("POST", "/v1/completions", role="user", errors=(400, 404, 409, 503), body=CompletionRequest, streams=True)
     async def completions(self, request: Request):
         body = await self._body(request, CompletionRequest)
-        name, handle = self._handle(body.model)
-        try:
-            native = body.to_generate()
-        except ValidationError as err:
-            first = err.errors()[0]
-            raise ApiError(400, first["msg"], param=validation_param(tuple(first["loc"]))) from None
+        name, base, handle, preset = self._steer(body.model)
+        edits = merged_edits(preset, body.edits)
         completion_id, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         def usage_of(result: dict) -> dict:
@@ -99,17 +121,19 @@ class GenerationRoutes:
                     "total_tokens": result["prompt_tokens"] + len(result["tokens"])}
 
         if not body.stream:
-            result = _unwrap(await handle.generate.remote(native, text_pieces=body.logprobs is not None))
-            METRICS.count_work(name, len(result["tokens"]), body.edits)
-            logprobs = None
-            if body.logprobs is not None:
-                logprobs = {"tokens": result["text_pieces"], "token_logprobs": result["logprobs"]}
-            return {"id": completion_id, "object": "text_completion", "created": created, "model": name,
-                    "choices": [{"text": result["text"], "index": 0, "logprobs": logprobs,
-                                 "finish_reason": result["finish_reason"]}],
-                    "usage": usage_of(result), "edit_report": result["edit_report"]}
+            answer = self._unwrap_steered(await handle.complete.remote(body, edits), preset)
+            METRICS.count_work(base, answer["usage"]["completion_tokens"], edits)
+            return {"id": completion_id, "object": "text_completion", "created": created, "model": name, **answer}
 
-        stream, first = await self._open_stream(handle, native)
+        try:
+            native = body.to_generate().model_copy(update={"model": base, "edits": edits})
+        except ValidationError as err:
+            first = err.errors()[0]
+            raise ApiError(400, first["msg"], param=validation_param(tuple(first["loc"]))) from None
+        try:
+            stream, first = await self._open_stream(handle, native)
+        except ApiError as err:
+            raise preset_error(_in_completion_terms(err), preset) from None
 
         def render(message: dict) -> dict | None:
             result = message.get("final")
@@ -119,15 +143,15 @@ class GenerationRoutes:
                      "choices": [{"text": message["delta"], "index": 0, "logprobs": None,
                                   "finish_reason": result["finish_reason"] if result else None}]}
             if result:
-                METRICS.count_work(name, len(result["tokens"]), body.edits)
+                METRICS.count_work(base, len(result["tokens"]), edits)
                 chunk["usage"] = usage_of(result)
                 chunk["edit_report"] = result["edit_report"]
             return chunk
 
         return StreamingResponse(relay(stream, first, render), media_type="text/event-stream")
 
-    @route("POST", "/v1/inspect", role="user", errors=(400, 404, 503), body=InspectRequest)
+    @route("POST", "/v1/inspect", role="user", errors=(400, 404, 409, 503), body=InspectRequest)
     async def inspect(self, request: Request):
         body = await self._body(request, InspectRequest)
-        _, handle = self._handle(body.model)
+        _, _, handle, _ = self._steer(body.model)  # a preset's base model (inspect reads features before edits)
         return _unwrap(await handle.inspect.remote(body))

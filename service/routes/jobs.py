@@ -73,11 +73,15 @@ class JobRoutes(JobLauncher):
                            type="rate_limit_error", headers={"Retry-After": "30"})
         return owner
 
-    @route("POST", "/v1/evaluations", role="user", errors=(400, 404, 503), body=EvaluationJobRequest, ok=202)
+    @route("POST", "/v1/evaluations", role="user", errors=(400, 404, 409, 503), body=EvaluationJobRequest, ok=202)
     async def create_evaluation(self, request: Request) -> dict:
         from dictionaries.store import DictionaryStore
+        from service.presets import merged_edits
 
         body = await self._body(request, EvaluationJobRequest)
+        if body.model and "+" in body.model and body.model not in self.models:  # BASE+PRESET
+            _, base, _, preset = self._steer(body.model)
+            body = body.model_copy(update={"model": base, "edits": merged_edits(preset, body.edits)})
         store = DictionaryStore()
         if body.dictionary not in store:
             raise ApiError(404, f"no dictionary named {body.dictionary!r} in the store", type="not_found_error",

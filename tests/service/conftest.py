@@ -1,6 +1,7 @@
 """One real Ray Serve app on loopback for the whole test session."""
 
 import os
+import shutil
 import socket
 
 import pytest
@@ -41,6 +42,7 @@ def server(served_dictionaries):
     from service.app import AppArgs, ModelArgs, run
     from service.model_server import Limits
 
+    shutil.rmtree(TEST_HOME / "presets", ignore_errors=True)  # steering presets an interrupted run left behind
     args = AppArgs(models=[ModelArgs(name="pythia-tiny", dictionaries=sorted(served_dictionaries), torch_threads=2)],
                    limits=Limits(max_new_tokens=64, max_prompt_tokens=256, max_edits=8, max_body_bytes=16384))
     url = run(args, port=_free_port(), temp_dir=TEST_HOME / "ray", name="steerserve-test")

@@ -41,6 +41,11 @@ PROBES = {
     ("GET", "/"): ("/", {}, 200),
     ("GET", "/ui/{asset}"): ("/ui/main.js", {}, 200),
     ("GET", "/v1/whoami"): ("/v1/whoami", {}, 200),
+    ("GET", "/v1/presets"): ("/v1/presets", {}, 200),
+    ("GET", "/v1/presets/{name}"): ("/v1/presets/no-such-preset", {}, 404),
+    ("PUT", "/v1/presets/{name}"): ("/v1/presets/matrix-probe",
+                                    {"json": {"edits": [{"dictionary": "nope", "feature": 1, "op": "ablate"}]}}, 400),
+    ("DELETE", "/v1/presets/{name}"): ("/v1/presets/no-such-preset", {}, 404),
     ("GET", "/v1/dictionaries/{name}/features"): (f"/v1/dictionaries/{DEFAULT}/features?q=file", {}, 200),
 }
 CALLERS = {"no key": None, "user": USER_KEY, "admin": ADMIN_KEY, "over-rate": SLOW_KEY}

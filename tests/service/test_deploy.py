@@ -1,6 +1,5 @@
 """Upload and hot deployment on the running app: no restart, no failed requests in flight."""
 
-import io
 import json
 import threading
 

@@ -2,7 +2,6 @@
 redeploys, job owners and quotas, chunked bodies, uploads' metrics, the router's own errors
 in the envelope, evaluations that refuse generated-position edits, one registry an app."""
 
-import json
 
 import pytest
 import requests
