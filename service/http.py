@@ -13,10 +13,13 @@ from service.metrics import IngressMetrics
 from service.protocol import (
     ApiError,
     CompletionRequest,
+    ContrastRequest,
     EvaluationJobRequest,
     GenerateRequest,
     InspectRequest,
+    SearchRequest,
     TrainingJobRequest,
+    VectorUpload,
     error_body,
     validation_param,
 )
@@ -38,7 +41,8 @@ def _openapi(served: FastAPI) -> dict:
     served.openapi_schema = None
     schema = FastAPI.openapi(served)  # FastAPI's own walk of the (re-mounted) routes
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for model in (GenerateRequest, CompletionRequest, InspectRequest, EvaluationJobRequest, TrainingJobRequest):
+    for model in (GenerateRequest, CompletionRequest, InspectRequest, EvaluationJobRequest, TrainingJobRequest,
+                  SearchRequest, ContrastRequest, VectorUpload):
         full = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(full.pop("$defs", {}))
         components[model.__name__] = full

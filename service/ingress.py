@@ -3,7 +3,7 @@ control; it holds a ``DeploymentHandle`` to each model deployment.
 
     client ─HTTP─► Ingress ─DeploymentHandle─► ModelDeployment (one a model)
 
-The routes live in :mod:`service.routes` by concern (generation, dictionaries, jobs) as
+The routes live in :mod:`service.routes` by concern (generation, dictionaries, jobs, steering) as
 mixins; :class:`HttpApi` composes them and provides what they share (access checks, body
 parsing, the model handles), and ``Ingress`` is that class as a Serve deployment.
 
@@ -28,9 +28,10 @@ from service.protocol import ApiError, validation_param
 from service.routes.dictionaries import DictionaryRoutes
 from service.routes.generation import GenerationRoutes
 from service.routes.jobs import JobRoutes
+from service.routes.steering import SteeringRoutes
 
 
-class HttpApi(GenerationRoutes, DictionaryRoutes, JobRoutes):
+class HttpApi(GenerationRoutes, DictionaryRoutes, JobRoutes, SteeringRoutes):
     def __init__(self, models: dict, limits: dict, api_keys: list[dict] | None = None,
                  registry_name: str | None = None):
         self.models = models  # name -> DeploymentHandle

@@ -115,8 +115,10 @@ def run_evaluation(job_id: str, request: dict) -> dict:
     """Evaluate a stored dictionary (and edits) as the CLI does; progress goes to the record."""
     import torch
 
+    from dictionaries.statistics import max_activations
     from dictionaries.store import DictionaryStore
-    from editing.edits import EditSpec
+    from dictionaries.vectors import VectorStore
+    from editing.edits import EditSpec, dictionaries_named, vectors_named
     from editing.evaluate import evaluate
     from editing.model import load_model
 
@@ -127,12 +129,14 @@ def run_evaluation(job_id: str, request: dict) -> dict:
     jobs.update(job_id, message="loading the model")
     store = DictionaryStore()
     edits = [EditSpec(**edit) for edit in request.get("edits", [])]
-    names = {request["dictionary"]} | {edit.dictionary for edit in edits}
+    names = {request["dictionary"]} | dictionaries_named(edits)
     model = request.get("model") or store.config(request["dictionary"]).model_name or "pythia-tiny"
     loaded = load_model(model, progress=False)
     dictionaries = {name: store.load(name) for name in names}
+    feature_max = {name: maxima for name in names if (maxima := max_activations(store.path(name))) is not None}
+    vectors = {name: VectorStore().load(name) for name in vectors_named(edits)}
     report = evaluate(loaded, dictionaries, request["dictionary"], edits=edits, corpus=request["corpus"],
-                      tokens=request["tokens"],
+                      tokens=request["tokens"], vectors=vectors, feature_max=feature_max,
                       progress=lambda fraction, message: jobs.update(job_id, progress=fraction, message=message))
     jobs.finish(job_id, "succeeded", progress=1.0, message="done", result=report)
     return report

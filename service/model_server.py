@@ -20,6 +20,7 @@ import torch
 from editing.edits import EditError
 from editing.engine.scheduler import QueueFullError, SchedulerLimits
 from service.protocol import ApiError, GenerateRequest, InspectRequest
+from service.steering import Steering
 
 STOP_FINISH = {"stop": "stop", "length": "length"}
 
@@ -76,6 +77,7 @@ class ModelServer:
         self.engine = Engine(self.loaded.model, self.loaded.tokenizer)
         self.warnings: dict[str, list[str]] = {}
         self._features: dict[str, dict] = {}
+        self.steering = Steering(self)
         for name in config.dictionaries:
             self._install(name, self.store.load(name, device=config.device), self._checked(name))
         self.loop = EngineLoop(self.engine.scheduler(limits.scheduler_limits(), observer))
@@ -99,7 +101,9 @@ class ModelServer:
         return report.warnings
 
     def _install(self, name: str, dictionary, warnings: list[str]) -> None:
-        self.engine.add_dictionary(name, dictionary)
+        from dictionaries.statistics import max_activations
+
+        self.engine.add_dictionary(name, dictionary, feature_max=max_activations(self.store.path(name)))
         self.warnings[name] = warnings
         self._features.pop(name, None)
 
@@ -139,6 +143,7 @@ class ModelServer:
         if len(request.edits) > self.limits.max_edits:
             raise ApiError(400, f"{len(request.edits)} edits; this server allows at most {self.limits.max_edits}",
                            param="edits")
+        self.steering.sync_vectors(request.edits)
         ids = self.loaded.tokenizer(request.prompt, add_special_tokens=False)["input_ids"]
         engine_request = replace(request.to_engine(), prompt=tuple(ids))  # tokenized once, here
         if len(ids) > self.limits.max_prompt_tokens:
