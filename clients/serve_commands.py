@@ -65,7 +65,8 @@ def _generate(args) -> int:
                       f"{condition['eligible_positions']} positions")
         for vector in report.get("vectors", []):
             added = "-" if vector["mean_added_norm"] is None else f"{vector['mean_added_norm']:.3f}"
-            print(f"  {vector['op']}: added at {vector['positions']} positions, mean |added| {added}")
+            eligible = f" of {vector['eligible_positions']}" if "eligible_positions" in vector else ""
+            print(f"  {vector['op']}: added at {vector['positions']}{eligible} positions, mean |added| {added}")
     return 0
 
 

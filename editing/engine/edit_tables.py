@@ -81,7 +81,7 @@ class DictionaryTable:
         self.cond_threshold = torch.zeros(0, 0, **f32)
         self.conditioned = torch.zeros(0, dtype=torch.bool, device=device)  # (slots,)
         self.stats = torch.zeros(_STATS, 0, 0, **f32)  # (5, slots, |S|)
-        self.edit_stats = torch.zeros(2, 0, 0, 0, **f32)  # (2, slots, |S|, L): eligible positions, fired positions
+        self.edit_stats = torch.zeros(2, 0, 0, 0, **f32)  # (2, slots, |S|, L): eligible, fired positions (conditional)
         self.row_stats = torch.zeros(2, 0, **f32)  # (2, slots): positions edited, Σ ‖Δh‖
         self.readout_k = torch.zeros(0, dtype=torch.long, device=device)  # (slots,), 0 = no read-out
         self.readout_values: torch.Tensor | None = None  # (slots, positions, k)
@@ -330,12 +330,14 @@ class DictionaryTable:
                 applies = applies & real
             edited = torch.where(applies, a[..., layer].unsqueeze(1) * edited + b[..., layer].unsqueeze(1), edited)
             applied = applies if applied is None else applied | applies
-            counts.append(torch.stack([present[..., layer] * n_real, applies.expand_as(f).sum(1)]))  # (2, R', |S|)
+            if conditional:  # where each conditional edit could apply, and where it did
+                counts.append(torch.stack([present[..., layer] * n_real, applies.expand_as(f).sum(1)]))  # (2, R', |S|)
         applied = applied.expand_as(f)  # (R', T, |S|)
         feature_delta = edited - f  # exactly 0 where no edit applied
         hidden_delta = self.dictionary.delta(feature_delta.to(self.dictionary.dtype), self.subset, state)  # (R', T, d)
         self._accumulate(slots, f, edited, feature_delta, hidden_delta, applied, state.out_scale)
-        self.edit_stats.index_add_(1, slots, torch.stack(counts, -1).float())
+        if conditional:
+            self.edit_stats.index_add_(1, slots, torch.stack(counts, -1).float())
         return hidden.index_add(0, rows, hidden_delta.to(hidden.dtype))
 
     def forget(self) -> None:

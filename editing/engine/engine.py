@@ -78,8 +78,11 @@ class Engine:
         """What a request's rows use, resolved at admission: ``(dictionaries, vectors, feature_max)``
         by name (dictionaries it edits, reads conditions from or reads out)."""
         names = dictionaries_named(request.edits) | ({request.return_features[0]} if request.return_features else set())
-        return ({name: self.dictionaries[name] for name in names},
-                {name: self.vectors[name] for name in vectors_named(request.edits)},
+        vectors = {name: self.vectors.get(name) for name in vectors_named(request.edits)}
+        for name, vector in vectors.items():
+            if vector is None:  # removed (by another thread) since the request was checked
+                raise EngineError(f"steering vector {name!r} was removed while the request waited", "edits")
+        return ({name: self.dictionaries[name] for name in names}, vectors,
                 {name: self.feature_max[name] for name in names if name in self.feature_max})
 
     # --- validation ---------------------------------------------------------------------------

@@ -271,12 +271,12 @@ class Scheduler:
                 self._waiting.popleft()
             try:
                 self.engine.validate(request)  # a dictionary may have been undeployed while it waited
+                dictionaries, vectors, feature_max = self.engine.resources(request)
             except Exception as err:  # noqa: BLE001 - this request fails (EditError: a 4xx), the rest go on
                 self._fail(handle, err)
                 continue
             self.tokens_in_flight += need
             seed = request.seed if request.seed is not None else secrets.randbits(63)
-            dictionaries, vectors, feature_max = self.engine.resources(request)
             common = dict(prompt=list(request.prompt), max_new_tokens=request.max_new_tokens, stop=tuple(request.stop),
                           ignore_eos=request.ignore_eos, temperature=request.temperature, top_k=request.top_k,
                           top_p=request.top_p, seed=seed)

@@ -406,3 +406,91 @@ def test_reads_need_a_user_key_and_storing_vectors_an_admin(secure, vectors):
     assert requests.delete(secure + "/v1/vectors/to-delete", headers=admin, timeout=60).status_code == 200
     saved = requests.post(secure + "/v1/contrast", json={**contrast, "save_vector": "to-delete"}, headers=admin, timeout=60)
     assert saved.status_code == 200 and saved.json()["saved_vector"]["name"] == "to-delete"
+
+
+def test_concurrent_mixed_requests_get_their_solo_results(server, local, vectors):
+    """Vector, conditional and calibrated edits beside plain requests, sent at once: each request is
+    what the engine gives it alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dictionaries.vectors import SteeringVector
+
+    values = torch.randn(128, generator=torch.Generator().manual_seed(9)).tolist()
+    assert requests.put(server + "/v1/vectors/to-delete", json={"hook": "blocks.2.hook_resid_post", "values": values},
+                        timeout=60).status_code == 200
+    local.add_vector(SteeringVector("to-delete", "blocks.2.hook_resid_post", torch.tensor(values)))
+    when = {"dictionary": DEFAULT, "feature": 368, "above": 1.0}
+    edit_sets = [[], [{"op": "vector", "vector": "to-delete", "value": 3.0}], [],
+                 [{"op": "vector", "vector": "to-delete", "value": 0.5, "value_unit": "residual_norm", "when": when}],
+                 [{"dictionary": DEFAULT, "feature": 403, "op": "set", "value": 2.0, "value_unit": "max_activation",
+                   "when": when}], [],
+                 [{"dictionary": "random-l1", "feature": 5, "op": "add", "value": 2.0,
+                   "when": {"dictionary": "random-l1", "feature": 9, "below": 0.01}, "positions": "generated"}]]
+    prompts = ["Return the number of", "Open the file and read the", "class", "If the value is not given, the",
+               "This function takes one", "The default value is", "Raise an exception if the"]
+    bodies = [{"prompt": p, "max_new_tokens": 10, "edits": e} for p, e in zip(prompts, edit_sets)]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(lambda b: _post(server, "/v1/generate", b), bodies))
+    for body, answer in zip(bodies, answers):
+        assert answer.status_code == 200, answer.text
+        [alone] = local.generate([GenerationRequest(body["prompt"], max_new_tokens=10,
+                                                    edits=tuple(EditSpec(**e) for e in body["edits"]))])
+        assert answer.json()["tokens"] == alone.tokens, body
+        assert answer.json()["logprobs"] == pytest.approx(alone.logprobs, abs=1e-4)
+
+
+def test_evaluation_jobs_take_the_new_edits(server, vectors):
+    import time
+
+    def wait(job_id):
+        deadline = time.time() + 300
+        while time.time() < deadline:  # bounded polling of loopback
+            record = requests.get(f"{server}/v1/evaluations/{job_id}", timeout=30).json()
+            if record["status"] in ("succeeded", "failed", "cancelled"):
+                return record
+            time.sleep(0.5)
+        pytest.fail("the evaluation did not finish")
+
+    values = [1.0] * 128
+    assert requests.put(server + "/v1/vectors/uploaded", json={"hook": "blocks.1.hook_resid_pre", "values": values},
+                        timeout=60).status_code == 200
+    edits = [{"op": "vector", "vector": "uploaded", "value": 0.5},
+             {"dictionary": DEFAULT, "feature": 403, "op": "set", "value": 1.0, "value_unit": "max_activation",
+              "when": {"dictionary": "random-l1", "feature": 3, "above": 0.0}}]
+    created = requests.post(server + "/v1/evaluations", json={"dictionary": DEFAULT, "tokens": 256, "edits": edits},
+                            timeout=30)
+    assert created.status_code == 202, created.text
+    record = wait(created.json()["id"])
+    assert record["status"] == "succeeded", record["error"]
+    assert record["result"]["kl"]["edited"]["mean"] > 0 and len(record["result"]["edits"]) == 2
+    for edit, param in (({"op": "vector", "vector": "nope", "value": 1.0}, "edits[0].vector"),
+                        ({"dictionary": DEFAULT, "feature": 1, "op": "ablate",
+                          "when": {"dictionary": "nope", "feature": 1, "above": 0}}, "edits[0].when.dictionary"),
+                        ({"dictionary": DEFAULT, "feature": 1, "op": "ablate",
+                          "when": {"dictionary": DEFAULT, "feature": 99999, "above": 0}}, "edits[0].when.feature")):
+        _error(requests.post(server + "/v1/evaluations", json={"dictionary": DEFAULT, "edits": [edit]}, timeout=30),
+               400, param)
+    requests.delete(server + "/v1/vectors/uploaded", timeout=60)
+
+
+def test_the_cli_commands(server, vectors, tmp_path):
+    def cli(*args):
+        result = subprocess.run([sys.executable, "-m", "clients.cli", *args, "--server", server], cwd=REPO,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    found = cli("search", "Open the file and read the first line.", "--dictionary", DEFAULT, "--span", "4:8")
+    assert "span ' the' (tokens 1..1)" in found and "of its max" in found
+    (tmp_path / "a.txt").write_text("\n".join(t.format("file") for t in TEMPLATES))
+    (tmp_path / "b.txt").write_text("\n".join(t.format("value") for t in TEMPLATES))
+    contrast = cli("contrast", "--dictionary", DEFAULT, "--a-file", str(tmp_path / "a.txt"), "--b-file",
+                   str(tmp_path / "b.txt"), "--top-k", "3", "--save-vector", "to-delete")
+    assert "A 10 texts" in contrast and "saved as steering vector 'to-delete'" in contrast
+    assert "to-delete" in cli("vectors", "list")
+    steered = cli("generate", "If the value is not given, return the", "--max-new-tokens", "8",
+                  "--edit", f"vector:to-delete:6,when={DEFAULT}:368>1", "--edit", f"{DEFAULT}:403:set:1@generated,unit=max")
+    assert "vector:to-delete:6 when pythia-tiny-l2:368>1: added at" in steered and "403:set:1xmax" in steered
+    bad = subprocess.run([sys.executable, "-m", "clients.cli", "contrast", "--dictionary", DEFAULT, "--server", server],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "give set a" in bad.stderr
