@@ -372,42 +372,6 @@ def test_every_new_route_documents_its_errors(server):
     assert {"when", "value_unit", "vector"} <= set(edit) and "vector" in json.dumps(edit["op"])
 
 
-@pytest.fixture(scope="module")
-def secure(server):
-    from ray import serve
-
-    from service.app import AppArgs, ModelArgs, build_app
-
-    keys = [{"key": "steer-admin", "role": "admin"}, {"key": "steer-user", "role": "user"}]
-    app = build_app(AppArgs(models=[ModelArgs(name="pythia-tiny", dictionaries=[DEFAULT], torch_threads=1)],
-                            api_keys=keys))
-    serve.run(app, name="steer-secure", route_prefix="/steer-secure")
-    yield server + "/steer-secure"
-    serve.delete("steer-secure")
-
-
-def test_reads_need_a_user_key_and_storing_vectors_an_admin(secure, vectors):
-    user, admin = ({"Authorization": f"Bearer {key}"} for key in ("steer-user", "steer-admin"))
-    search = {"text": "hello world", "dictionary": DEFAULT, "span": {"start": 0, "end": 5}}
-    contrast = {"dictionary": DEFAULT, "a": {"texts": ["a b", "c d"]}, "b": {"texts": ["e f", "g h"]}}
-    vector = {"hook": "blocks.2.hook_resid_post", "values": [1.0] * 128}
-    assert requests.post(secure + "/v1/search", json=search, timeout=60).status_code == 401
-    assert requests.post(secure + "/v1/search", json=search, headers=user, timeout=60).status_code == 200
-    assert requests.post(secure + "/v1/contrast", json=contrast, headers=user, timeout=60).status_code == 200
-    refused = requests.post(secure + "/v1/contrast", json={**contrast, "save_vector": "to-delete"}, headers=user, timeout=60)
-    assert refused.status_code == 403 and refused.json()["error"]["type"] == "permission_error"
-    assert requests.put(secure + "/v1/vectors/to-delete", json=vector, headers=user, timeout=60).status_code == 403
-    assert requests.get(secure + "/v1/vectors", headers=user, timeout=60).status_code == 200
-    assert requests.get(secure + f"/v1/dictionaries/{DEFAULT}/compare/{DEFAULT}", headers=user,
-                        timeout=120).status_code == 200
-    assert requests.get(secure + f"/v1/dictionaries/{DEFAULT}/compare/{DEFAULT}", timeout=60).status_code == 401
-    assert requests.put(secure + "/v1/vectors/to-delete", json=vector, headers=admin, timeout=60).status_code == 200
-    assert requests.delete(secure + "/v1/vectors/to-delete", headers=user, timeout=60).status_code == 403
-    assert requests.delete(secure + "/v1/vectors/to-delete", headers=admin, timeout=60).status_code == 200
-    saved = requests.post(secure + "/v1/contrast", json={**contrast, "save_vector": "to-delete"}, headers=admin, timeout=60)
-    assert saved.status_code == 200 and saved.json()["saved_vector"]["name"] == "to-delete"
-
-
 def test_concurrent_mixed_requests_get_their_solo_results(server, local, vectors):
     """Vector, conditional and calibrated edits beside plain requests, sent at once: each request is
     what the engine gives it alone."""
@@ -494,3 +458,40 @@ def test_the_cli_commands(server, vectors, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "clients.cli", "contrast", "--dictionary", DEFAULT, "--server", server],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "give set a" in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def secure(server):
+    from ray import serve
+
+    from service.app import AppArgs, ModelArgs, build_app
+
+    keys = [{"key": "steer-admin", "role": "admin"}, {"key": "steer-user", "role": "user"}]
+    # no CPU reserved: the session's Ray has two, and evaluation jobs (one CPU each) must still fit
+    app = build_app(AppArgs(models=[ModelArgs(name="pythia-tiny", dictionaries=[DEFAULT], torch_threads=1, num_cpus=0)],
+                            api_keys=keys))
+    serve.run(app, name="steer-secure", route_prefix="/steer-secure")
+    yield server + "/steer-secure"
+    serve.delete("steer-secure")
+
+
+def test_reads_need_a_user_key_and_storing_vectors_an_admin(secure, vectors):
+    user, admin = ({"Authorization": f"Bearer {key}"} for key in ("steer-user", "steer-admin"))
+    search = {"text": "hello world", "dictionary": DEFAULT, "span": {"start": 0, "end": 5}}
+    contrast = {"dictionary": DEFAULT, "a": {"texts": ["a b", "c d"]}, "b": {"texts": ["e f", "g h"]}}
+    vector = {"hook": "blocks.2.hook_resid_post", "values": [1.0] * 128}
+    assert requests.post(secure + "/v1/search", json=search, timeout=60).status_code == 401
+    assert requests.post(secure + "/v1/search", json=search, headers=user, timeout=60).status_code == 200
+    assert requests.post(secure + "/v1/contrast", json=contrast, headers=user, timeout=60).status_code == 200
+    refused = requests.post(secure + "/v1/contrast", json={**contrast, "save_vector": "to-delete"}, headers=user, timeout=60)
+    assert refused.status_code == 403 and refused.json()["error"]["type"] == "permission_error"
+    assert requests.put(secure + "/v1/vectors/to-delete", json=vector, headers=user, timeout=60).status_code == 403
+    assert requests.get(secure + "/v1/vectors", headers=user, timeout=60).status_code == 200
+    assert requests.get(secure + f"/v1/dictionaries/{DEFAULT}/compare/{DEFAULT}", headers=user,
+                        timeout=120).status_code == 200
+    assert requests.get(secure + f"/v1/dictionaries/{DEFAULT}/compare/{DEFAULT}", timeout=60).status_code == 401
+    assert requests.put(secure + "/v1/vectors/to-delete", json=vector, headers=admin, timeout=60).status_code == 200
+    assert requests.delete(secure + "/v1/vectors/to-delete", headers=user, timeout=60).status_code == 403
+    assert requests.delete(secure + "/v1/vectors/to-delete", headers=admin, timeout=60).status_code == 200
+    saved = requests.post(secure + "/v1/contrast", json={**contrast, "save_vector": "to-delete"}, headers=admin, timeout=60)
+    assert saved.status_code == 200 and saved.json()["saved_vector"]["name"] == "to-delete"
