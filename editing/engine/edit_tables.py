@@ -317,10 +317,11 @@ class DictionaryTable:
             f, state = self._encode(hidden.index_select(0, rows))  # (R', T, |S|)
         kind = 0 if window.phase == PROMPT else 1
         a, b = self.a.index_select(0, slots), self.b.index_select(0, slots)  # (R', |S|, L)
-        active, present = self.active[kind].index_select(0, slots), self.present[kind].index_select(0, slots)
-        cond = self.cond.index_select(0, slots)
+        active = self.active[kind].index_select(0, slots)
         real = window.real.index_select(0, rows).unsqueeze(-1) if window.real is not None else None  # (R', T, 1)
-        n_real = real.sum(1) if real is not None else f.shape[1]  # (R', 1) or T
+        if conditional:
+            present, cond = self.present[kind].index_select(0, slots), self.cond.index_select(0, slots)
+            n_real = real.sum(1) if real is not None else f.shape[1]  # (R', 1) or T
         edited, applied, counts = f, None, []
         for layer in range(a.shape[-1]):
             applies = active[..., layer].unsqueeze(1)  # (R', 1, |S|)
