@@ -9,6 +9,8 @@
     steerserve generate "PROMPT" --edit DICT:FEATURE:OP[:VALUE] [--baseline] [--server URL]
     steerserve inspect "TEXT" --dictionary NAME | steerserve features NAME I
     steerserve preset put NAME --edit DICT:FEATURE:OP[:VALUE]... | list | show NAME | rm NAME
+    steerserve search "TEXT" --dictionary NAME --span START:END | contrast --dictionary NAME --a T... --b T...
+    steerserve compare A B | vectors list|show|put|rm
 
 Commands import torch and the model code lazily, inside the handler that needs them, so
 commands that only talk HTTP start fast and work without torch.
@@ -69,13 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(handler=_models_list)
 
-    from clients import dict_commands, eval_commands, preset_commands, serve_commands, train_commands
+    from clients import dict_commands, eval_commands, preset_commands, serve_commands, steer_commands, train_commands
 
     dict_commands.add_commands(commands)
     train_commands.add_commands(commands)
     eval_commands.add_commands(commands)
     serve_commands.add_commands(commands)
     preset_commands.add_commands(commands)
+    steer_commands.add_commands(commands, serve_commands.common_options)
 
     return parser
 

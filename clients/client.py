@@ -1,12 +1,20 @@
 """The Python client for a steerserve server (``requests`` only; no torch).
 
-    from clients.client import Client, Ablate, Scale
+    from clients.client import Client, Ablate, Scale, Set, Vector, When
     client = Client("http://127.0.0.1:8000")
     out = client.generate("Return the number of", max_new_tokens=16, include_baseline=True,
                           edits=[Ablate("pythia-tiny-l2", 312), Scale("pythia-tiny-l2", 77, 4.0)])
     out["text"], out["baseline"]["text"], out["edit_report"]
     for chunk in client.complete("def main(", max_tokens=16, stream=True): ...
     client.put_preset("formal", [Scale("pythia-tiny-l2", 77, 4.0)])   # admin; then "model": "pythia-tiny+formal"
+
+    found = client.contrast(["Return the file.", ...], ["Return the value.", ...], "pythia-tiny-l2",
+                            save_vector="file-vs-value")                      # saving needs an admin key
+    client.generate("If the", edits=[Vector("file-vs-value", 4.0),
+                                     Set("pythia-tiny-l2", 403, 2.0, unit="max_activation",
+                                         when=When("pythia-tiny-l2", 926, above=1.0))])
+    client.search("def open(path):", "pythia-tiny-l2", span=(9, 13))
+    client.compare("l2-a", "l2-b", threshold=0.8)
 
 Calls that are safe to repeat (GET, PUT, DELETE) are retried after a connection error; a
 POST is not (a job could start twice). A 503 or 429 with ``Retry-After`` means the server
@@ -50,20 +58,44 @@ IDEMPOTENT = ("GET", "HEAD", "PUT", "DELETE", "OPTIONS")
 REFUSED = (429, 503)  # answered with Retry-After: nothing was done, the call may be repeated
 
 
-def Ablate(dictionary: str, feature: int, positions: str = "all") -> dict:  # noqa: N802 - reads like a type
-    return {"dictionary": dictionary, "feature": feature, "op": "ablate", "positions": positions}
+def When(dictionary: str, feature: int, *, above: float | None = None, below: float | None = None) -> dict:  # noqa: N802
+    """A condition for an edit's ``when``: the feature above (or below) a threshold at a token."""
+    if (above is None) == (below is None):
+        raise ValueError("give exactly one of above= and below=")
+    return {"dictionary": dictionary, "feature": feature, **({"above": above} if above is not None else {"below": below})}
 
 
-def Scale(dictionary: str, feature: int, value: float, positions: str = "all") -> dict:  # noqa: N802
-    return {"dictionary": dictionary, "feature": feature, "op": "scale", "value": value, "positions": positions}
+def _edit(body: dict, positions: str, unit: str = "raw", when: dict | None = None) -> dict:
+    body["positions"] = positions
+    if unit != "raw":
+        body["value_unit"] = unit
+    if when is not None:
+        body["when"] = when
+    return body
 
 
-def Set(dictionary: str, feature: int, value: float, positions: str = "all") -> dict:  # noqa: N802
-    return {"dictionary": dictionary, "feature": feature, "op": "set", "value": value, "positions": positions}
+def Ablate(dictionary: str, feature: int, positions: str = "all", *, when: dict | None = None) -> dict:  # noqa: N802 - reads like a type
+    return _edit({"dictionary": dictionary, "feature": feature, "op": "ablate"}, positions, when=when)
 
 
-def Add(dictionary: str, feature: int, value: float, positions: str = "all") -> dict:  # noqa: N802
-    return {"dictionary": dictionary, "feature": feature, "op": "add", "value": value, "positions": positions}
+def Scale(dictionary: str, feature: int, value: float, positions: str = "all", *, when: dict | None = None) -> dict:  # noqa: N802
+    return _edit({"dictionary": dictionary, "feature": feature, "op": "scale", "value": value}, positions, when=when)
+
+
+def Set(dictionary: str, feature: int, value: float, positions: str = "all", *, unit: str = "raw",  # noqa: N802
+        when: dict | None = None) -> dict:
+    """``unit="max_activation"``: ``value`` in multiples of the feature's recorded maximum activation."""
+    return _edit({"dictionary": dictionary, "feature": feature, "op": "set", "value": value}, positions, unit, when)
+
+
+def Add(dictionary: str, feature: int, value: float, positions: str = "all", *, unit: str = "raw",  # noqa: N802
+        when: dict | None = None) -> dict:
+    return _edit({"dictionary": dictionary, "feature": feature, "op": "add", "value": value}, positions, unit, when)
+
+
+def Vector(name: str, value: float, positions: str = "all", *, unit: str = "raw", when: dict | None = None) -> dict:  # noqa: N802
+    """Add ``value`` times the stored steering vector ``name``; ``unit="residual_norm"``: ``value·‖h‖·v/‖v‖``."""
+    return _edit({"op": "vector", "vector": name, "value": value}, positions, unit, when)
 
 
 class Client:
@@ -241,6 +273,52 @@ class Client:
 
     def metrics(self) -> str:
         return self._request("GET", "/metrics").text
+
+    # --- find and steer ---------------------------------------------------------------------------------
+
+    def search(self, text: str, dictionary: str, *, span: tuple[int, int], unit: str = "char", top_k: int = 10,
+               rank_by: str = "relative", model: str | None = None) -> dict:
+        """The features most active on ``text[span[0]:span[1]]`` (``unit="token"``: a token range)."""
+        body = {"text": text, "dictionary": dictionary, "span": {"start": span[0], "end": span[1], "unit": unit},
+                "top_k": top_k, "rank_by": rank_by}
+        return self._json("POST", "/v1/search", body | ({"model": model} if model else {}))
+
+    @staticmethod
+    def _contrast_set(side) -> dict:
+        if isinstance(side, str):  # a corpus the server exposes, e.g. "builtin:pydocs/heldout"
+            return {"corpus": side}
+        if isinstance(side, dict):
+            return side
+        return {"texts": list(side)}
+
+    def contrast(self, a, b, dictionary: str, *, unit: str = "text", top_k: int = 20, direction: str = "both",
+                 include_vector: bool = True, save_vector: str | None = None, model: str | None = None) -> dict:
+        """Features separating ``a`` from ``b`` (lists of texts, or corpus names such as
+        ``"builtin:pydocs/heldout"``), and their difference-of-means vector; ``save_vector`` stores it (admin)."""
+        body = {"dictionary": dictionary, "a": self._contrast_set(a), "b": self._contrast_set(b), "unit": unit,
+                "top_k": top_k, "direction": direction, "include_vector": include_vector}
+        if save_vector:
+            body["save_vector"] = save_vector
+        return self._json("POST", "/v1/contrast", body | ({"model": model} if model else {}))
+
+    def compare(self, a: str, b: str, *, threshold: float = 0.5, offset: int = 0, limit: int = 50) -> dict:
+        """MMCS both ways, the one-to-one matching, and matched pairs with cosine ≥ ``threshold``."""
+        return self._json("GET", f"/v1/dictionaries/{a}/compare/{b}?threshold={threshold}&offset={offset}&limit={limit}")
+
+    def vectors(self) -> list[dict]:
+        return self._json("GET", "/v1/vectors")["data"]
+
+    def vector(self, name: str) -> dict:
+        return self._json("GET", f"/v1/vectors/{name}")
+
+    def put_vector(self, name: str, values: list[float], hook: str, *, model: str | None = None,
+                   description: str | None = None) -> dict:
+        """Store a steering vector (admin)."""
+        body = {"hook": hook, "values": list(values)} | ({"model": model} if model else {})
+        return self._json("PUT", f"/v1/vectors/{name}", body | ({"description": description} if description else {}))
+
+    def delete_vector(self, name: str) -> dict:
+        return self._json("DELETE", f"/v1/vectors/{name}")
 
     def inspect(self, text: str, dictionary: str, *, top_k: int = 5, model: str | None = None) -> dict:
         body = {"text": text, "dictionary": dictionary, "top_k": top_k}

@@ -17,18 +17,23 @@ import sys
 
 
 def _load(args):
+    from dictionaries.statistics import max_activations
     from dictionaries.store import DictionaryStore
-    from editing.edits import parse_edit
+    from dictionaries.vectors import VectorStore
+    from editing.edits import dictionaries_named, parse_edit, vectors_named
     from editing.model import load_model
 
     store = DictionaryStore()
     edits = [parse_edit(text) for text in args.edit or []]
-    names = {args.dictionary} | {edit.dictionary for edit in edits}
+    names = {args.dictionary} | dictionaries_named(edits)
     configs = {name: store.config(name) for name in names}
     model = args.model or configs[args.dictionary].model_name or "pythia-tiny"
     loaded = load_model(model, device=args.device, progress=True)
     dictionaries = {name: store.load(name, device=args.device) for name in names}
-    return store, loaded, dictionaries, edits
+    resources = {"vectors": {name: VectorStore().load(name) for name in vectors_named(edits)},
+                 "feature_max": {name: maxima for name in names
+                                 if (maxima := max_activations(store.path(name))) is not None}}
+    return store, loaded, dictionaries, edits, resources
 
 
 def _remote(args, kind: str, start) -> int:
@@ -67,7 +72,7 @@ def _eval(args) -> int:
 
     from editing.evaluate import evaluate, feature_effect
 
-    store, loaded, dictionaries, edits = _load(args)
+    store, loaded, dictionaries, edits, resources = _load(args)
     if args.feature is not None:
         effect = feature_effect(loaded, dictionaries, args.dictionary, args.feature, corpus=args.corpus,
                                 tokens=args.tokens)
@@ -80,7 +85,7 @@ def _eval(args) -> int:
         bar.set_postfix_str(message)
 
     report = evaluate(loaded, dictionaries, args.dictionary, edits=edits, corpus=args.corpus, tokens=args.tokens,
-                      progress=progress, targets=args.target or None)
+                      progress=progress, targets=args.target or None, **resources)
     bar.close()
     if args.write_metrics:
         metrics = store.info(args.dictionary)["metrics"] or {}
@@ -147,7 +152,8 @@ def _print_effect(effect: dict) -> None:
 def add_commands(commands) -> None:
     parser = commands.add_parser("eval", help="evaluate a dictionary (and edits) by next-token loss")
     parser.add_argument("--dictionary", required=True)
-    parser.add_argument("--edit", action="append", help="DICT:FEATURE:OP[:VALUE], repeatable")
+    parser.add_argument("--edit", action="append", help="DICT:FEATURE:OP[:VALUE] or vector:NAME:VALUE, with "
+                        "[@positions][,unit=max|norm][,when=DICT:FEATURE>T]; repeatable")
     parser.add_argument("--target", action="append", help="a target token of the edit effect (one token, e.g. ' list'), "
                         "repeatable; default: the edited features' top logit-lens tokens")
     parser.add_argument("--feature", type=int, help="report one feature's ablation effect and logit lens instead")

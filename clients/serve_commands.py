@@ -2,6 +2,7 @@
 
     steerserve serve [--config deploy/local.yaml] [--port 8000]
     steerserve generate "PROMPT" --edit DICT:FEATURE:OP[:VALUE] [--baseline] [--server URL]
+        (--edit also takes vector:NAME:VALUE, and [@positions][,unit=max|norm][,when=DICT:FEATURE>T])
     steerserve inspect "TEXT" --dictionary NAME [--server URL]
     steerserve features NAME I [--server URL]
     steerserve push DIR --name NAME | deploy NAME | undeploy NAME [--server URL] [--api-key KEY]
@@ -53,12 +54,19 @@ def _generate(args) -> int:
         print(steered)
     for report in out["edit_report"]:
         changed = "changed" if report["changed"] else "CHANGED NOTHING"
-        print(f"\n{report['dictionary']} ({report['hook']}): {report['positions_edited']} positions, "
-              f"mean |Δh| {report['mean_delta_norm']:.3f}, {changed}")
+        print(f"\n{report['dictionary'] or 'steering vectors'} ({report['hook']}): {report['positions_edited']} "
+              f"positions, mean |Δh| {report['mean_delta_norm']:.3f}, {changed}")
         for feature in report["features"]:
             before = "-" if feature["mean_before"] is None else f"{feature['mean_before']:.3f}"
             after = "-" if feature["mean_after"] is None else f"{feature['mean_after']:.3f}"
             print(f"  feature {feature['feature']:>6}  {', '.join(feature['ops'])}: mean {before} -> {after}")
+            for condition in feature.get("conditions", []):
+                print(f"    {condition['op']}: fired at {condition['fired_positions']} of "
+                      f"{condition['eligible_positions']} positions")
+        for vector in report.get("vectors", []):
+            added = "-" if vector["mean_added_norm"] is None else f"{vector['mean_added_norm']:.3f}"
+            eligible = f" of {vector['eligible_positions']}" if "eligible_positions" in vector else ""
+            print(f"  {vector['op']}: added at {vector['positions']}{eligible} positions, mean |added| {added}")
     return 0
 
 
@@ -150,22 +158,28 @@ def _serve(args) -> int:
     return 0
 
 
+def common_options(parser) -> None:
+    """The options of every command that talks to a server."""
+    parser.add_argument("--server", default=DEFAULT_SERVER, help=f"default {DEFAULT_SERVER} ($STEERSERVE_SERVER)")
+    parser.add_argument("--model", help="served model (default: the first)")
+    parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--api-key", default=os.environ.get("STEERSERVE_API_KEY"), help="default $STEERSERVE_API_KEY")
+    parser.add_argument("--json", action="store_true")
+
+
 def add_commands(commands) -> None:
     serve = commands.add_parser("serve", help="serve models over HTTP with Ray Serve (127.0.0.1:8000)")
     serve.add_argument("--config", help="a Ray Serve config file, e.g. deploy/local.yaml")
     serve.add_argument("--port", type=int, help="default 8000 (or the config's)")
     serve.set_defaults(handler=_serve)
 
-    def common(parser):
-        parser.add_argument("--server", default=DEFAULT_SERVER, help=f"default {DEFAULT_SERVER} ($STEERSERVE_SERVER)")
-        parser.add_argument("--model", help="served model (default: the first)")
-        parser.add_argument("--timeout", type=float, default=120.0)
-        parser.add_argument("--api-key", default=os.environ.get("STEERSERVE_API_KEY"), help="default $STEERSERVE_API_KEY")
-        parser.add_argument("--json", action="store_true")
+    common = common_options
 
     generate = commands.add_parser("generate", help="steered generation through a server")
     generate.add_argument("prompt")
-    generate.add_argument("--edit", action="append", help="DICT:FEATURE:OP[:VALUE][@positions], repeatable")
+    generate.add_argument("--edit", action="append",
+                          help="DICT:FEATURE:OP[:VALUE] or vector:NAME:VALUE, then [@positions][,unit=max|norm]"
+                               "[,when=DICT:FEATURE>T|<T]; repeatable")
     generate.add_argument("--baseline", action="store_true", help="also generate without edits, side by side")
     generate.add_argument("--max-new-tokens", type=int, default=32)
     generate.add_argument("--temperature", type=float, default=0.0)

@@ -38,13 +38,13 @@ LENS_TARGETS = 5  # default targets: this many promoted logit-lens tokens a feat
 
 
 class _ChangeRecorder:
-    """A table's ``edit_output`` that also records where it changed the residual."""
+    """A hook point editor's ``edit_output`` that also records where it changed the residual."""
 
-    def __init__(self, table):
-        self.table, self.changed = table, None
+    def __init__(self, editor):
+        self.editor, self.changed = editor, None
 
     def __call__(self, hidden: torch.Tensor, name: str) -> torch.Tensor:
-        edited = self.table(hidden, name)
+        edited = self.editor(hidden, name)
         changed = (edited != hidden).any(-1)  # (b, T)
         self.changed = changed if self.changed is None else self.changed | changed
         return edited
@@ -63,9 +63,12 @@ def target_ids(tokenizer, texts: list[str], param: str = "target_tokens") -> lis
 
 
 def lens_targets(loaded, dictionaries: dict, edits: list[EditSpec], k: int = LENS_TARGETS) -> list[int]:
-    """The union of each edited feature's top ``k`` promoted logit-lens tokens, in order."""
+    """The union of each edited feature's top ``k`` promoted logit-lens tokens, in order (steering
+    vectors have no feature: name targets for them)."""
     found: list[int] = []
     for edit in edits:
+        if edit.feature is None:
+            continue
         promoted, _, _, _ = logit_lens(dictionaries[edit.dictionary].W_dec[edit.feature : edit.feature + 1],
                                        loaded.model, k)
         found += [int(t) for t in promoted[0] if int(t) not in found]
@@ -82,23 +85,27 @@ def _ratio(sums: list[float], counts: list[float]) -> dict:
 
 @torch.no_grad()
 def edit_effect(loaded, dictionaries: dict, edits: list[EditSpec], windows: torch.Tensor, *,
-                targets: list[str] | None = None, batch_windows: int = 8) -> dict:
-    """The target effect, side effect and their ratio of ``edits`` over ``windows (W, T)``."""
+                targets: list[str] | None = None, batch_windows: int = 8, vectors: dict | None = None,
+                feature_max: dict | None = None) -> dict:
+    """The target effect, side effect and their ratio of ``edits`` over ``windows (W, T)``
+    (``vectors``, ``feature_max``: as :func:`editing.evaluate.evaluate` takes them)."""
     if not edits:
         raise EditError("an edit effect needs at least one edit", "edits")
     model, device = loaded.model, next(loaded.model.parameters()).device
     decode = loaded.tokenizer.decode
     ids_of_targets = target_ids(loaded.tokenizer, targets) if targets else lens_targets(loaded, dictionaries, edits)
+    if not ids_of_targets:
+        raise EditError("these edits name no feature to take target tokens from: give target_tokens", "target_tokens")
     target_index = torch.tensor(ids_of_targets, dtype=torch.long, device=device)
     sums = {key: [] for key in ("target", "aimed", "target_all", "kl_other", "ce_other", "other", "kl_all", "ce_all")}
     for start in range(0, len(windows), batch_windows):
         ids = windows[start : start + batch_windows].to(device)  # (b, T)
         clean = model(input_ids=ids).logits.float().log_softmax(-1)  # (b, T, V)
-        recorders = [_ChangeRecorder(table) for table in static_tables(dictionaries, edits, len(ids), device)]
+        editors = static_tables(dictionaries, edits, len(ids), device, vectors=vectors, feature_max=feature_max)
+        recorders = [_ChangeRecorder(editor) for editor in editors]
         with contextlib.ExitStack() as stack:
             for recorder in recorders:
-                stack.enter_context(Trace(model, recorder.table.dictionary.config.hook, retain_output=False,
-                                          edit_output=recorder))
+                stack.enter_context(Trace(model, recorder.editor.hook, retain_output=False, edit_output=recorder))
             edited = model(input_ids=ids).logits.float().log_softmax(-1)
         aimed = torch.zeros(ids.shape, dtype=torch.bool, device=device)
         for recorder in recorders:

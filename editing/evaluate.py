@@ -27,8 +27,6 @@ is ablated, at the positions where it fires.
 
 from __future__ import annotations
 
-import contextlib
-
 import math
 import time
 from typing import Callable
@@ -38,6 +36,7 @@ import torch
 from editing.core_metrics import CoreMetrics
 from editing.corpora import open_corpus, token_windows
 from editing.engine.edit_tables import static_tables
+from editing.engine.editors import edit_hooks
 from editing.edits import EditError, EditSpec, validate_edits
 from editing.lens import logit_lens, logits_from_hook
 from editing.nethook import Trace
@@ -69,13 +68,17 @@ def evaluation_windows(loaded, corpus: str, tokens: int, context_length: int) ->
 @torch.no_grad()
 def evaluate(loaded, dictionaries: dict, dictionary: str, *, edits: list[EditSpec] | tuple = (),
              corpus: str = "builtin:pydocs/heldout", tokens: int = 32768, context_length: int = 128,
-             batch_windows: int = 8, progress: Progress | None = None, targets: list[str] | None = None) -> dict:
+             batch_windows: int = 8, progress: Progress | None = None, targets: list[str] | None = None,
+             vectors: dict | None = None, feature_max: dict | None = None) -> dict:
     """The evaluation report (plain JSON-able data); see the module docstring. ``targets``: the
-    edit effect's target tokens (default: the edited features' top logit-lens tokens)."""
+    edit effect's target tokens (default: the edited features' top logit-lens tokens); ``vectors``
+    (name -> SteeringVector) and ``feature_max`` (name -> recorded maximum activations) serve
+    vector edits and ``max_activation`` units."""
     if dictionary not in dictionaries:
         raise EditError(f"unknown dictionary {dictionary!r} (loaded: {', '.join(sorted(dictionaries)) or 'none'})",
                         "dictionary")
-    edits = validate_edits(edits, dictionaries)
+    edits = validate_edits(edits, dictionaries, vectors=vectors, feature_max=feature_max)
+    resources = {"vectors": vectors, "feature_max": feature_max}
     for index, edit in enumerate(edits):
         if edit.positions == "generated":
             raise EditError(f"edits[{index}].positions: an evaluation scores given text, which has no generated "
@@ -100,7 +103,7 @@ def evaluate(loaded, dictionaries: dict, dictionary: str, *, edits: list[EditSpe
         clean = _log_probs(logits_from_hook(model, hook, x))  # (b, T-1, V), each once
         spliced = _log_probs(logits_from_hook(model, hook, reconstruction))
         zero = _log_probs(logits_from_hook(model, hook, torch.zeros_like(x)))
-        edited = _log_probs(_edited_logits(model, dictionaries, edits, ids)) if edits else clean
+        edited = _log_probs(_edited_logits(model, dictionaries, edits, ids, **resources)) if edits else clean
 
         for name, log_probs in (("clean", clean), ("spliced", spliced), ("zero", zero), ("edited", edited)):
             per_window[name] += _token_ce(log_probs, ids).mean(-1).tolist()
@@ -153,17 +156,16 @@ def evaluate(loaded, dictionaries: dict, dictionary: str, *, edits: list[EditSpe
         from editing.edit_effect import edit_effect
 
         report["edit_effect"] = edit_effect(loaded, dictionaries, edits, windows, targets=targets,
-                                            batch_windows=batch_windows)
+                                            batch_windows=batch_windows, **resources)
         report["seconds"] = round(time.time() - started, 3)
     return report
 
 
-def _edited_logits(model, dictionaries: dict, edits: list[EditSpec], ids: torch.Tensor) -> torch.Tensor:
+def _edited_logits(model, dictionaries: dict, edits: list[EditSpec], ids: torch.Tensor, *,
+                   vectors: dict | None = None, feature_max: dict | None = None) -> torch.Tensor:
     """A full forward with the engine's edit hooks on every row (every position counts as prompt)."""
-    tables = static_tables(dictionaries, edits, len(ids), ids.device)
-    with contextlib.ExitStack() as stack:
-        for table in tables:
-            stack.enter_context(Trace(model, table.dictionary.config.hook, retain_output=False, edit_output=table))
+    editors = static_tables(dictionaries, edits, len(ids), ids.device, vectors=vectors, feature_max=feature_max)
+    with edit_hooks(model, editors):
         return model(input_ids=ids).logits
 
 

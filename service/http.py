@@ -15,12 +15,15 @@ from service.metrics import IngressMetrics
 from service.protocol import (
     ApiError,
     CompletionRequest,
+    ContrastRequest,
     EvaluationJobRequest,
     GenerateRequest,
     ErrorEnvelope,
     InspectRequest,
     PresetRequest,
+    SearchRequest,
     TrainingJobRequest,
+    VectorUpload,
     error_body,
     validation_param,
 )
@@ -43,7 +46,7 @@ def _openapi(served: FastAPI) -> dict:
     schema = FastAPI.openapi(served)  # FastAPI's own walk of the (re-mounted) routes
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     for model in (GenerateRequest, CompletionRequest, InspectRequest, EvaluationJobRequest, TrainingJobRequest,
-                  PresetRequest):
+                  PresetRequest, SearchRequest, ContrastRequest, VectorUpload):
         full = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(full.pop("$defs", {}))
         components[model.__name__] = full

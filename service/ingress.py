@@ -3,7 +3,7 @@ control; it holds a ``DeploymentHandle`` to each model deployment.
 
     client ─HTTP─► Ingress ─DeploymentHandle─► ModelDeployment (one a model)
 
-The routes live in :mod:`service.routes` by concern (generation, dictionaries, jobs) as
+The routes live in :mod:`service.routes` by concern (generation, dictionaries, jobs, steering, presets, the page) as
 mixins, each declared with :func:`service.routes.table.route` (its role and statuses, once);
 upload parsing is :mod:`service.uploads`, job launching :mod:`service.launcher`.
 :class:`HttpApi` composes them and provides what they share (the access check, body reading
@@ -34,11 +34,12 @@ from service.routes.dictionaries import DictionaryRoutes
 from service.routes.generation import GenerationRoutes
 from service.routes.jobs import JobRoutes
 from service.routes.presets import PresetRoutes
+from service.routes.steering import SteeringRoutes
 from service.routes.table import route
 from service.ui import PageRoutes
 
 
-class HttpApi(GenerationRoutes, DictionaryRoutes, JobRoutes, PageRoutes, PresetRoutes):
+class HttpApi(GenerationRoutes, DictionaryRoutes, JobRoutes, SteeringRoutes, PageRoutes, PresetRoutes):
     def __init__(self, models: dict, limits: dict, api_keys: list[dict] | None = None,
                  registry_name: str | None = None, corpora: dict | None = None):
         """``api_keys``: digests (:func:`service.access.resolve_keys`, run where the app is built)."""

@@ -175,8 +175,10 @@ def run_evaluation(job_id: str, request: dict) -> dict:
     """Evaluate a stored dictionary (and edits) as the CLI does; progress goes to the record."""
     import torch
 
+    from dictionaries.statistics import max_activations
     from dictionaries.store import DictionaryStore
-    from editing.edits import EditSpec
+    from dictionaries.vectors import VectorStore
+    from editing.edits import EditSpec, dictionaries_named, vectors_named
     from editing.evaluate import evaluate
     from editing.model import load_model
 
@@ -187,12 +189,14 @@ def run_evaluation(job_id: str, request: dict) -> dict:
     jobs.progress(job_id, 0.0, "loading the model")
     store = DictionaryStore()
     edits = [EditSpec(**edit) for edit in request.get("edits", [])]
-    names = {request["dictionary"]} | {edit.dictionary for edit in edits}
+    names = {request["dictionary"]} | dictionaries_named(edits)
     loaded = load_model(request["model"], progress=False)  # a served model, checked at submission
     dictionaries = {name: store.load(name) for name in names}
+    feature_max = {name: maxima for name in names if (maxima := max_activations(store.path(name))) is not None}
+    vectors = {name: VectorStore().load(name) for name in vectors_named(edits)}
     report = evaluate(loaded, dictionaries, request["dictionary"], edits=edits, corpus=request["corpus_source"],
-                      tokens=request["tokens"], targets=request.get("target_tokens") or None,
-                      progress=lambda fraction, message: jobs.progress(job_id, fraction, message))
+                      tokens=request["tokens"], targets=request.get("target_tokens") or None, vectors=vectors,
+                      feature_max=feature_max, progress=lambda fraction, message: jobs.progress(job_id, fraction, message))
     report["corpus"] = request["corpus"]  # the name the caller used, not the server's source
     _finish_or_leave_it(jobs, job_id, report, "done")
     return report

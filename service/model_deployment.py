@@ -196,6 +196,15 @@ class ModelDeployment:
     async def feature(self, name: str, index: int) -> dict:
         return await self._call(lambda: asyncio.to_thread(self.server.feature, name, index))
 
+    async def search(self, request) -> dict:
+        return await self._call(lambda: asyncio.to_thread(self.server.steering.search, request))
+
+    async def contrast(self, request) -> dict:
+        return await self._call(lambda: asyncio.to_thread(self.server.steering.contrast, request))
+
+    async def compare(self, a: str, b: str, threshold: float, offset: int, limit: int) -> dict:
+        return await self._call(lambda: asyncio.to_thread(self.server.steering.compare, a, b, threshold, offset, limit))
+
     def check_health(self) -> None:
         """Liveness without waiting for the model: the engine's thread is between steps often."""
         if not self.server.loop.alive(HEALTHY_WITHIN_S):

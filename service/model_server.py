@@ -20,6 +20,7 @@ import torch
 from editing.edits import EditError
 from editing.engine.scheduler import QueueFullError, SchedulerLimits
 from service.protocol import ApiError, GenerateRequest, InspectRequest
+from service.steering import Steering
 
 STOP_FINISH = {"stop": "stop", "length": "length"}
 
@@ -83,6 +84,7 @@ class ModelServer:
         self.warnings: dict[str, list[str]] = {}
         self.served: dict[str, dict] = {}  # name -> what is loaded: sha256, path, config, metrics, files
         self._features: dict[str, dict] = {}
+        self.steering = Steering(self)
         for name in config.dictionaries:
             self._install(name, *self._read(name))
         self.loop = EngineLoop(self.engine.scheduler(limits.scheduler_limits(), observer))
@@ -118,7 +120,10 @@ class ModelServer:
         return self.store.load_path(path, device=self.config.device), warnings, served
 
     def _install(self, name: str, dictionary, warnings: list[str], served: dict) -> None:
-        self.engine.add_dictionary(name, dictionary)
+        from dictionaries.statistics import max_activations
+
+        # the maxima from the same object directory as the weights (value_unit "max_activation")
+        self.engine.add_dictionary(name, dictionary, feature_max=max_activations(served["path"]))
         self.warnings[name], self.served[name] = warnings, served
         self._features.pop(name, None)
 
@@ -169,6 +174,7 @@ class ModelServer:
         if len(request.edits) > self.limits.max_edits:
             raise ApiError(400, f"{len(request.edits)} edits; this server allows at most {self.limits.max_edits}",
                            param="edits")
+        self.steering.sync_vectors(request.edits)
         ids = self.loaded.tokenizer(request.prompt, add_special_tokens=False)["input_ids"]
         engine_request = replace(request.to_engine(), prompt=tuple(ids))  # tokenized once, here
         if len(ids) > self.limits.max_prompt_tokens:

@@ -11,7 +11,7 @@ built by :func:`error_body` alone.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -221,6 +221,71 @@ class InspectRequest(_Model):
     text: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     dictionary: str = Field(min_length=1, max_length=64)
     top_k: int = Field(default=5, ge=1, le=64)
+
+
+class Span(_Model):
+    start: int = Field(ge=0, description="First character (or token) of the span.")
+    end: int = Field(ge=1, description="One past its last character (or token).")
+    unit: Literal["char", "token"] = "char"
+
+
+class SearchRequest(_Model):
+    """``POST /v1/search``: the features most active on a span of a text (search by example)."""
+
+    model: str | None = None
+    text: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    dictionary: str = Field(min_length=1, max_length=64)
+    span: Span
+    top_k: int = Field(default=10, ge=1, le=100)
+    rank_by: Literal["relative", "activation"] = Field(
+        default="relative", description="relative: activation on the span over the feature's recorded maximum; "
+                                        "activation: the activation itself.")
+
+
+CONTRAST_CORPORA = ("builtin:pydocs", "builtin:pydocs/train", "builtin:pydocs/heldout")
+MAX_CONTRAST_TEXTS = 256
+MAX_CONTRAST_TOKENS = 16_384
+
+
+class ContrastSet(_Model):
+    """One side of a contrast: texts, or a corpus the server exposes (never a path)."""
+
+    texts: list[Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]] | None = Field(
+        default=None, min_length=1, max_length=MAX_CONTRAST_TEXTS)
+    corpus: Literal[CONTRAST_CORPORA] | None = None
+    tokens: int = Field(default=4096, ge=128, le=MAX_CONTRAST_TOKENS, description="Tokens read from the corpus.")
+
+    @model_validator(mode="after")
+    def _texts_or_corpus(self) -> "ContrastSet":
+        if (self.texts is None) == (self.corpus is None):
+            raise ValueError("give exactly one of 'texts' and 'corpus'")
+        return self
+
+
+class ContrastRequest(_Model):
+    """``POST /v1/contrast``: which features separate two sets of texts, and the difference-of-means
+    residual vector at the dictionary's hook."""
+
+    model: str | None = None
+    dictionary: str = Field(min_length=1, max_length=64)
+    a: ContrastSet
+    b: ContrastSet
+    unit: Literal["text", "token"] = Field(default="text", description="One observation: a text's mean activation "
+                                                                      "(text), or every token (token).")
+    top_k: int = Field(default=20, ge=1, le=200)
+    direction: Literal["both", "a", "b"] = Field(default="both", description="Rank by |g|, or higher in A, or in B.")
+    include_vector: bool = True
+    save_vector: str | None = Field(default=None, min_length=1, max_length=64,
+                                    description="Store the difference-of-means vector under this name (admin).")
+
+
+class VectorUpload(_Model):
+    """``PUT /v1/vectors/{name}`` (admin): a steering vector at a hook point."""
+
+    hook: str = Field(pattern=r"^blocks\.\d+\.hook_resid_(pre|post)$")
+    values: list[float] = Field(min_length=1, max_length=65_536)
+    model: str | None = Field(default=None, description="The served model it is for (checks its width).")
+    description: str | None = Field(default=None, max_length=500)
 
 
 class EvaluationJobRequest(_Model):

@@ -3,8 +3,9 @@
 Slots ``0..n_decode-1`` are decoding rows (each feeds back its last token), the slots after
 them are rows still reading their prompt, oldest first. Per-slot tensors (the token to
 feed, sampling settings, the row's own step count), the key/value cache
-(:mod:`editing.engine.kv_cache`) and the per-dictionary edit tables
-(:mod:`editing.engine.edit_tables`) are all indexed by slot, and :meth:`RunningBatch.reorder`
+(:mod:`editing.engine.kv_cache`), the per-dictionary edit tables
+(:mod:`editing.engine.edit_tables`) and the per-hook-point steering-vector tables
+(:mod:`editing.engine.vector_tables`) are all indexed by slot, and :meth:`RunningBatch.reorder`
 moves them together when rows join, finish their prompt or leave — TGI's
 ``filter``/``concatenate`` with the edit tables travelling with their rows, as its
 heterogeneous sampling parameters do.
@@ -24,24 +25,24 @@ the others still get logits at their last prompt position alone.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
+from editing.edits import hook_rank
+from editing.engine.conditions import ConditionBoard, condition_index
 from editing.engine.edit_tables import GENERATED, PROMPT, DictionaryTable, Window
+from editing.engine.editors import edit_hooks, point_editors
 from editing.engine.kv_cache import SlotCache
 from editing.engine.sampling import RowSampling, sample
-from editing.hookpoints import parse_hook_name
-from editing.nethook import Trace
+from editing.engine.vector_tables import VectorTable
 
 _SLOT_TENSORS = {"next_token": torch.long, "temperature": torch.float32, "top_k": torch.long,
                  "top_p": torch.float32, "seeds": torch.long, "steps": torch.long}
 
 
-def hook_order(table: DictionaryTable) -> tuple:
-    """Tables run in layer order (a layer's input before its output), then by name."""
-    layer, kind = parse_hook_name(table.dictionary.config.hook)
-    return layer, 0 if kind == "resid_pre" else 1, table.name, id(table.dictionary)
+def hook_order(table) -> tuple:
+    """Tables run in layer order (a layer's input before its output), dictionaries by name, then
+    the steering vectors of that hook point."""
+    return (*hook_rank(table.hook), isinstance(table, VectorTable), table.name, id(table))
 
 
 class RunningBatch:
@@ -55,6 +56,8 @@ class RunningBatch:
         self.n_decode = 0
         self.slot_tensors = {name: torch.zeros(0, dtype=dtype, device=self.device) for name, dtype in _SLOT_TENSORS.items()}
         self.tables: dict[int, DictionaryTable] = {}  # id(dictionary) -> its table
+        self.vector_tables: dict[str, VectorTable] = {}  # hook point -> its steering-vector table
+        self.board = ConditionBoard(self.device)  # where each row's conditions hold, a forward at a time
         self.layout = 0  # bumped whenever rows change slots
         self.decode_top_n = 0  # the most top-N alternatives a decoding row asks for (set with the layout)
 
@@ -86,12 +89,21 @@ class RunningBatch:
         for name, value in values.items():
             self.slot_tensors[name][slot] = value
         readout_name, readout_k = sequence.readout or (None, 0)
+        conditions = condition_index(sequence.edits)
+        self.board.reserve(len(conditions))
         for name, dictionary in sequence.dictionaries.items():
             table = self.tables.get(id(dictionary))
             if table is None:
                 table = self.tables[id(dictionary)] = DictionaryTable(name, dictionary, self.device)
             table.add_row(slot, [edit for edit in sequence.edits if edit.dictionary == name],
-                          readout_k if name == readout_name else 0, len(sequence.prompt) + sequence.max_new_tokens)
+                          readout_k if name == readout_name else 0, len(sequence.prompt) + sequence.max_new_tokens,
+                          conditions=conditions, sources={c: k for c, k in conditions.items() if c.dictionary == name},
+                          feature_max=sequence.feature_max.get(name))
+        for hook, edits in _vector_edits_by_hook(sequence).items():
+            table = self.vector_tables.get(hook)
+            if table is None:
+                table = self.vector_tables[hook] = VectorTable(hook, self.device)
+            table.add_row(slot, edits, sequence.vectors, conditions)
         sequence.slot = slot
         self.sequences.append(sequence)
         self.layout += 1
@@ -119,12 +131,12 @@ class RunningBatch:
             self.cache.move(dst, src)
             for tensor in self.slot_tensors.values():
                 tensor[dst] = tensor[src]
-            for table in self.tables.values():
+            for table in self._all_tables():
                 table.move(dst, src)
         left = self.n_rows - len(order)
         for slot in range(len(order), self.n_rows):
             self.cache.clear(slot)
-            for table in self.tables.values():
+            for table in self._all_tables():
                 table.clear(slot)
         for slot, sequence in enumerate(order):
             sequence.slot = slot
@@ -134,6 +146,8 @@ class RunningBatch:
         if left:
             for key in [key for key, table in self.tables.items() if not table.in_use()]:
                 del self.tables[key]
+            for key in [key for key, table in self.vector_tables.items() if not table.in_use()]:
+                del self.vector_tables[key]
             for table in self.tables.values():
                 table.drop_unused_features()
         if not self.sequences:
@@ -145,11 +159,7 @@ class RunningBatch:
         """The body of the model over the window's rows with the edit hooks of its tables:
         ``input_ids (R, T)`` → final hidden states ``(R, T, d)``."""
         mask, positions = self.cache.window(window.lo, window.hi, new_tokens)
-        with contextlib.ExitStack() as stack:
-            for table in sorted(self.tables.values(), key=hook_order):
-                table.window = window
-                stack.enter_context(Trace(self.model, table.dictionary.config.hook, retain_output=False,
-                                          edit_output=table))
+        with edit_hooks(self.model, point_editors(self.tables.values(), self.vector_tables.values(), self.board, window)):
             output = self.body(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=self.cache,
                                use_cache=True)
         return output.last_hidden_state
@@ -247,8 +257,25 @@ class RunningBatch:
 
     # --- results ----------------------------------------------------------------------------
 
+    def _all_tables(self) -> list:
+        return [*self.tables.values(), *self.vector_tables.values()]
+
     def table_of(self, dictionary) -> DictionaryTable:
         return self.tables[id(dictionary)]
+
+    def vector_reports(self, sequence) -> list[tuple]:
+        """``(table, report)`` for each hook point where ``sequence`` has vector edits."""
+        return [(self.vector_tables[hook], self.vector_tables[hook].report(sequence.slot, edits))
+                for hook, edits in _vector_edits_by_hook(sequence).items()]
+
+
+def _vector_edits_by_hook(sequence) -> dict[str, list]:
+    """A row's steering-vector edits, by the hook point of each vector."""
+    by_hook: dict[str, list] = {}
+    for edit in sequence.edits:
+        if edit.op == "vector":
+            by_hook.setdefault(sequence.vectors[edit.vector].hook, []).append(edit)
+    return by_hook
 
 
 def _top(log_probs: torch.Tensor, n: int) -> list[list[tuple[int, float]]] | None:

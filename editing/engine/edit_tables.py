@@ -1,19 +1,27 @@
-"""One dictionary's per-row edits and feature read-outs inside the running batch, kept by slot.
+"""One dictionary's per-row edits, conditions and feature read-outs inside the running batch, kept by slot.
 
 A :class:`DictionaryTable` holds, for each slot (row) of the batch, that row's edits on one
-dictionary as tensors: the union ``S`` of edited features, and for every row and feature
-the affine map ``f' = a·f + b`` for prompt and for generated positions. When rows join,
-move or leave, the table is updated (a row written, rows moved with the batch's
-permutation, feature columns added or dropped); a step only gathers the rows of its
-window, so the hook has no Python loop over rows:
+dictionary as tensors: the union ``S`` of the features its rows edit or read conditions
+from (the columns), and for every row, feature and *layer* ``l`` (the row's ``l``-th edit on
+that feature, in request order) the affine map ``f' = a·f + b``, which position kinds
+(prompt, generated) it applies to, and its condition (an index into the row's conditions,
+-1 for none). When rows join, move or leave, the table is updated (a row written, rows
+moved with the batch's permutation, columns or layers added, columns dropped); a step only
+gathers the rows of its window, so the hook has no Python loop over rows:
 
     rows   = the window's slots that have edits on this dictionary          (R',)
     f      = encode_S(h[rows])                                               (R', T, |S|)  only S for relu/jumprelu
-    f'     = a·f + b                                                         per row, feature, position kind
+    for l in layers:                                                         (usually one)
+        f  = where(applies_l & condition_l holds & real token, a_l·f + b_l, f)
     h'     = h + index_add(rows, (f' − f)·W_dec[S])                          other rows are not touched
 
-Rows without edits are never touched, so they are the plain model. What the edits did
-(positions, mean activation before/after, norm of the change) is summed into per-slot
+Conditions read here are evaluated first, on the residual as it arrives at the hook point,
+and written to the batch's :class:`~editing.engine.conditions.ConditionBoard`; when nothing
+at the hook point changed the residual before this table's edits, that same encode serves
+the edits (one encode for both). ``value_unit: "max_activation"`` is resolved to raw values
+when the row is written. Rows without edits are never touched, so they are the plain model.
+What the edits did (positions, mean activation before/after, norm of the change, and for
+each conditional edit the positions where its condition held) is summed into per-slot
 tensors as the row runs, and read out into the edit report when it finishes.
 """
 
@@ -26,6 +34,7 @@ import torch
 from editing.edits import EditSpec
 
 PAD, PROMPT, GENERATED = 0, 1, 2
+KINDS = {"all": (0, 1), "prompt": (0,), "generated": (1,)}  # [prompt, generated] positions an edit applies to
 _STATS = 5  # per row and feature: positions, Σ before, Σ after, changed positions, Σ |Δf|·‖W_dec‖·scale
 
 
@@ -41,27 +50,45 @@ class Window:
     layout: int = 0  # the batch's layout version (row selections are cached per version)
 
 
+def select_state(state, index: torch.Tensor):
+    """A :class:`~dictionaries.sae.NormState` for a subset of its rows (per-token normalisations)."""
+    return type(state)(*(part.index_select(0, index) if isinstance(part, torch.Tensor) else part for part in state))
+
+
 class DictionaryTable:
     def __init__(self, name: str, dictionary, device: torch.device):
         self.name, self.dictionary, self.device = name, dictionary, device
+        self.hook = dictionary.config.hook
         self.window: Window | None = None
+        self.board = None  # the batch's ConditionBoard, set with the window
         self.features = torch.zeros(0, dtype=torch.long, device=device)  # (|S|,)
         self.column: dict[int, int] = {}
+        self.lookup = torch.full((dictionary.config.d_sae,), -1, dtype=torch.long, device=device)  # feature -> column
         self.subset = None
         self.decoder_norms = None
         f32 = dict(dtype=torch.float32, device=device)
-        self.a = torch.ones(2, 0, 0, **f32)  # (2, slots, |S|): [prompt, generated]
-        self.b = torch.zeros(2, 0, 0, **f32)
-        self.active = torch.zeros(2, 0, 0, dtype=torch.bool, device=device)  # the edit changes something
+        # edits: (slots, |S|, L), layer l = the row's l-th edit on that feature
+        self.a = torch.ones(0, 0, 0, **f32)
+        self.b = torch.zeros(0, 0, 0, **f32)
+        self.cond = torch.full((0, 0, 0), -1, dtype=torch.long, device=device)  # the row's condition number
+        self.present = torch.zeros(2, 0, 0, 0, dtype=torch.bool, device=device)  # [prompt, generated]: applies there
+        self.active = torch.zeros(2, 0, 0, 0, dtype=torch.bool, device=device)  # ... and changes something
         self.uses = torch.zeros(0, 0, dtype=torch.bool, device=device)  # (slots, |S|): the row names the feature
         self.edited = torch.zeros(0, dtype=torch.bool, device=device)  # (slots,)
+        # conditions read from this dictionary: (slots, K), K the batch's condition numbers
+        self.cond_feature = torch.full((0, 0), -1, dtype=torch.long, device=device)  # -1: not read here
+        self.cond_above = torch.zeros(0, 0, dtype=torch.bool, device=device)
+        self.cond_threshold = torch.zeros(0, 0, **f32)
+        self.conditioned = torch.zeros(0, dtype=torch.bool, device=device)  # (slots,)
         self.stats = torch.zeros(_STATS, 0, 0, **f32)  # (5, slots, |S|)
+        self.edit_stats = torch.zeros(2, 0, 0, 0, **f32)  # (2, slots, |S|, L): eligible, fired positions (conditional)
         self.row_stats = torch.zeros(2, 0, **f32)  # (2, slots): positions edited, Σ ‖Δh‖
         self.readout_k = torch.zeros(0, dtype=torch.long, device=device)  # (slots,), 0 = no read-out
         self.readout_values: torch.Tensor | None = None  # (slots, positions, k)
         self.readout_indices: torch.Tensor | None = None
         self.readout_written = torch.zeros(0, dtype=torch.long, device=device)  # (slots,)
-        self._selections: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._selections: dict[tuple, tuple] = {}
+        self._encoded = None  # (incoming hidden, rows, f, state) from this forward's condition pass
 
     # --- rows joining, moving, leaving ------------------------------------------------------
 
@@ -69,22 +96,41 @@ class DictionaryTable:
     def capacity(self) -> int:
         return int(self.edited.shape[0])
 
+    @property
+    def layers(self) -> int:
+        return int(self.a.shape[-1])
+
+    _BY_SLOT = {"a": (0, 1.0), "b": (0, 0.0), "cond": (0, -1), "present": (1, False), "active": (1, False),
+                "uses": (0, False), "edited": (0, False), "cond_feature": (0, -1), "cond_above": (0, False),
+                "cond_threshold": (0, 0.0), "conditioned": (0, False), "stats": (1, 0.0), "edit_stats": (1, 0.0),
+                "row_stats": (1, 0.0), "readout_k": (0, 0), "readout_written": (0, 0)}
+
+    def _pad(self, name: str, dim: int, size: int, fill) -> None:
+        tensor = getattr(self, name)
+        if tensor.shape[dim] >= size:
+            return
+        shape = list(tensor.shape)
+        shape[dim] = size - tensor.shape[dim]
+        setattr(self, name, torch.cat([tensor, torch.full(shape, fill, dtype=tensor.dtype, device=self.device)], dim))
+
     def _grow_rows(self, slots: int) -> None:
         if slots <= self.capacity:
             return
         new = max(slots, 2 * self.capacity, 4)
-
-        def grow(tensor, dim, fill):
-            shape = list(tensor.shape)
-            shape[dim] = new - tensor.shape[dim]
-            return torch.cat([tensor, torch.full(shape, fill, dtype=tensor.dtype, device=self.device)], dim)
-
-        self.a, self.b, self.active = grow(self.a, 1, 1.0), grow(self.b, 1, 0.0), grow(self.active, 1, False)
-        self.uses, self.edited = grow(self.uses, 0, False), grow(self.edited, 0, False)
-        self.stats, self.row_stats = grow(self.stats, 1, 0.0), grow(self.row_stats, 1, 0.0)
-        self.readout_k, self.readout_written = grow(self.readout_k, 0, 0), grow(self.readout_written, 0, 0)
+        for name, (dim, fill) in self._BY_SLOT.items():
+            self._pad(name, dim, new, fill)
         if self.readout_values is not None:
-            self.readout_values, self.readout_indices = grow(self.readout_values, 0, 0.0), grow(self.readout_indices, 0, 0)
+            self._pad("readout_values", 0, new, 0.0)
+            self._pad("readout_indices", 0, new, 0)
+
+    def _grow_layers(self, layers: int) -> None:
+        for name, fill in (("a", 1.0), ("b", 0.0), ("cond", -1), ("present", False), ("active", False),
+                           ("edit_stats", 0.0)):
+            self._pad(name, -1, layers, fill)
+
+    def _grow_conditions(self, width: int) -> None:
+        for name, fill in (("cond_feature", -1), ("cond_above", False), ("cond_threshold", 0.0)):
+            self._pad(name, 1, width, fill)
 
     def _set_columns(self, features: list[int]) -> None:
         """Columns become ``features`` (sorted); existing columns keep their values."""
@@ -92,40 +138,73 @@ class DictionaryTable:
         keep = torch.tensor([old.get(f, -1) for f in features], dtype=torch.long, device=self.device)
         present = keep >= 0
 
-        def remap(tensor, fill):
-            out = torch.full((*tensor.shape[:-1], len(features)), fill, dtype=tensor.dtype, device=self.device)
+        def remap(name, dim, fill):
+            tensor = getattr(self, name)
+            moved = tensor.movedim(dim, -1)
+            out = torch.full((*moved.shape[:-1], len(features)), fill, dtype=tensor.dtype, device=self.device)
             if bool(present.any()):
-                out[..., present] = tensor.index_select(-1, keep[present])
-            return out
+                out[..., present] = moved.index_select(-1, keep[present])
+            setattr(self, name, out.movedim(-1, dim).contiguous())
 
-        self.a, self.b, self.active = remap(self.a, 1.0), remap(self.b, 0.0), remap(self.active, False)
-        self.uses, self.stats = remap(self.uses, False), remap(self.stats, 0.0)
+        for name, fill in (("a", 1.0), ("b", 0.0), ("cond", -1), ("present", False), ("active", False),
+                           ("edit_stats", 0.0)):
+            remap(name, -2, fill)
+        remap("uses", -1, False)
+        remap("stats", -1, 0.0)
         self.features = torch.tensor(features, dtype=torch.long, device=self.device)
         self.column = {feature: j for j, feature in enumerate(features)}
-        # the edited features' weights, gathered once for every step until S changes
+        self.lookup.fill_(-1)
+        self.lookup[self.features] = torch.arange(len(features), device=self.device)
+        # the columns' weights, gathered once for every step until S changes
         self.subset = self.dictionary.subset(self.features) if features else None
         self.decoder_norms = self.subset.W_dec.float().norm(dim=-1) if features else None  # (|S|,)
 
-    def add_row(self, slot: int, edits: list[EditSpec], readout_k: int = 0, positions: int = 0) -> None:
-        """Write a joining row's edits (applied in the order given) and read-out into ``slot``;
-        ``positions``: how many positions its read-out may need."""
+    def add_row(self, slot: int, edits: list[EditSpec], readout_k: int = 0, positions: int = 0, *,
+                conditions: dict | None = None, sources: dict | None = None, feature_max=None) -> None:
+        """Write a joining row into ``slot``: its ``edits`` on this dictionary (applied in the order
+        given), its read-out (``positions``: how many positions it may need), the numbers of all its
+        ``conditions`` and the ``sources`` (conditions read from this dictionary, by number);
+        ``feature_max``: the dictionary's recorded maximum activations (``max_activation`` units)."""
+        conditions, sources = conditions or {}, sources or {}
         self._grow_rows(slot + 1)
         self.clear(slot)
-        wanted = sorted({edit.feature for edit in edits})
+        wanted = sorted({edit.feature for edit in edits} | {condition.feature for condition in sources})
         if any(feature not in self.column for feature in wanted):
             self._set_columns(sorted(set(self.column) | set(wanted)))
-        a, b = [[1.0] * len(self.column) for _ in range(2)], [[0.0] * len(self.column) for _ in range(2)]
-        for edit in edits:  # f' = a2·(a1·f + b1) + b2
-            scale, shift = edit.affine()
-            j = self.column[edit.feature]
-            for kind in {"all": (0, 1), "prompt": (0,), "generated": (1,)}[edit.positions]:
-                a[kind][j], b[kind][j] = scale * a[kind][j], scale * b[kind][j] + shift
+        chains: dict[int, list[EditSpec]] = {}
+        for edit in edits:
+            chains.setdefault(edit.feature, []).append(edit)
+        layers = max((len(chain) for chain in chains.values()), default=0)
+        self._grow_layers(layers)
         if edits:
-            self.a[:, slot] = torch.tensor(a, device=self.device)
-            self.b[:, slot] = torch.tensor(b, device=self.device)
-            self.active[:, slot] = (self.a[:, slot] != 1) | (self.b[:, slot] != 0)
-            self.uses[slot, [self.column[f] for f in wanted]] = True
+            width, depth = len(self.column), self.layers
+            a, b = [[[1.0] * depth for _ in range(width)] for _ in range(2)]
+            cond = [[-1] * depth for _ in range(width)]
+            present = [[[False] * depth for _ in range(width)] for _ in range(2)]
+            for feature, chain in chains.items():
+                j = self.column[feature]
+                for layer, edit in enumerate(chain):
+                    value = edit.value
+                    if edit.value_unit == "max_activation":  # resolved once, here
+                        value = edit.value * float(feature_max[feature])
+                    a[j][layer], b[j][layer] = edit.affine(value)
+                    cond[j][layer] = conditions[edit.when] if edit.when is not None else -1
+                    for kind in KINDS[edit.positions]:
+                        present[kind][j][layer] = True
+            self.a[slot], self.b[slot] = torch.tensor(a, device=self.device), torch.tensor(b, device=self.device)
+            self.cond[slot] = torch.tensor(cond, dtype=torch.long, device=self.device)
+            self.present[:, slot] = torch.tensor(present, device=self.device)
+            self.active[:, slot] = self.present[:, slot] & ((self.a[slot] != 1) | (self.b[slot] != 0))
             self.edited[slot] = True
+        if sources:
+            self._grow_conditions(max(sources.values()) + 1)
+            for condition, number in sources.items():
+                self.cond_feature[slot, number] = condition.feature
+                self.cond_above[slot, number] = condition.above is not None
+                self.cond_threshold[slot, number] = condition.threshold
+            self.conditioned[slot] = True
+        if wanted:
+            self.uses[slot, [self.column[f] for f in wanted]] = True
         if readout_k:
             self.readout_k[slot] = readout_k
             self._reserve_readout(positions, readout_k)
@@ -135,31 +214,29 @@ class DictionaryTable:
         """Forget whatever ``slot`` held (its row left)."""
         if slot >= self.capacity:
             return
-        self.a[:, slot], self.b[:, slot], self.active[:, slot] = 1.0, 0.0, False
-        self.uses[slot], self.edited[slot] = False, False
-        self.stats[:, slot], self.row_stats[:, slot] = 0.0, 0.0
-        self.readout_k[slot], self.readout_written[slot] = 0, 0
+        for name, (dim, fill) in self._BY_SLOT.items():
+            getattr(self, name).select(dim, slot).fill_(fill)
         self._selections.clear()
 
     def move(self, destination: torch.Tensor, source: torch.Tensor) -> None:
         """Slots ``source`` move to slots ``destination`` (the batch's permutation)."""
         self._grow_rows(int(torch.cat([destination, source]).max()) + 1 if len(destination) else 0)
-        for name in ("edited", "uses", "readout_k", "readout_written"):
+        for name, (dim, _) in self._BY_SLOT.items():
             tensor = getattr(self, name)
-            tensor[destination] = tensor[source]
-        for name in ("a", "b", "active", "stats", "row_stats"):
-            tensor = getattr(self, name)
-            tensor[:, destination] = tensor[:, source]
+            if dim == 0:
+                tensor[destination] = tensor[source]
+            else:
+                tensor[:, destination] = tensor[:, source]
         if self.readout_values is not None:
             self.readout_values[destination] = self.readout_values[source]
             self.readout_indices[destination] = self.readout_indices[source]
         self._selections.clear()
 
     def in_use(self) -> bool:
-        return bool(self.edited.any()) or bool((self.readout_k > 0).any())
+        return bool(self.edited.any()) or bool(self.conditioned.any()) or bool((self.readout_k > 0).any())
 
     def drop_unused_features(self) -> None:
-        """After rows left: stop encoding features no remaining row edits."""
+        """After rows left: stop encoding features no remaining row edits or reads."""
         used = self.uses.any(0)  # (|S|,)
         if not bool(used.all()):
             self._set_columns([f for f, keep in zip(self.features.tolist(), used.tolist()) if keep])
@@ -179,60 +256,110 @@ class DictionaryTable:
 
     # --- the hook ---------------------------------------------------------------------------
 
-    def _rows(self, which: str, window: Window) -> tuple[torch.Tensor, torch.Tensor]:
-        """The window's rows that have edits (``which="edits"``) or a read-out (``"readout"``):
-        their positions in the forward and their slots; cached until the batch's layout changes."""
+    def _rows(self, which: str, window: Window) -> tuple:
+        """The window's rows that have edits (``"edits"``), conditions read here (``"conditions"``),
+        either (``"encode"``) or a read-out (``"readout"``): their positions in the forward, their
+        slots, and whether any of them has a conditional edit; cached until the layout changes."""
         key = (which, window.lo, window.hi, window.layout)
         if key not in self._selections:
             hi = max(window.lo, min(window.hi, self.capacity))
-            wanted = self.edited[window.lo : hi] if which == "edits" else self.readout_k[window.lo : hi] > 0
+            edited, conditioned = self.edited[window.lo : hi], self.conditioned[window.lo : hi]
+            wanted = {"edits": edited, "conditions": conditioned, "encode": edited | conditioned,
+                      "readout": self.readout_k[window.lo : hi] > 0}[which]
             relative = wanted.nonzero().flatten()
-            self._selections[key] = (relative, relative + window.lo)
+            slots = relative + window.lo
+            conditional = which == "edits" and bool((self.cond.index_select(0, slots) >= 0).any())
+            self._selections[key] = (relative, slots, conditional)
         return self._selections[key]
 
-    def __call__(self, hidden: torch.Tensor, name: str) -> torch.Tensor:
-        """``edit_output`` for the hook layer: ``hidden (R, T, d)`` of the window → edited ``hidden``."""
-        window = self.window
-        if self.readout_values is not None:
-            self._read_out(hidden, window)
-        rows, slots = self._rows("edits", window)
-        if not len(rows):
-            return hidden
+    def _encode(self, x: torch.Tensor):
+        """The columns' activations ``(R, T, |S|)`` (float32) of ``x (R, T, d)`` and its NormState."""
         dictionary = self.dictionary
-        x_normed, state = dictionary.normalize(hidden.index_select(0, rows))  # (R', T, d)
+        x_normed, state = dictionary.normalize(x)
         if dictionary.config.architecture == "topk":
             f = dictionary.activation(dictionary.pre_activations(x_normed))[..., self.features]
         else:
             f = dictionary.activation(dictionary.pre_activations(x_normed, self.subset), self.subset)
-        f = f.float()  # (R', T, |S|)
-        table = 0 if window.phase == PROMPT else 1
-        a = self.a[table].index_select(0, slots).unsqueeze(1)  # (R', 1, |S|)
-        b = self.b[table].index_select(0, slots).unsqueeze(1)
-        active = self.active[table].index_select(0, slots).unsqueeze(1).expand_as(f)  # (R', T, |S|)
-        if window.real is not None:  # never at padding
-            active = active & window.real.index_select(0, rows).unsqueeze(-1)
-        edited = a * f + b
-        feature_delta = torch.where(active, edited - f, 0.0)  # (R', T, |S|)
-        hidden_delta = dictionary.delta(feature_delta.to(dictionary.dtype), self.subset, state)  # (R', T, d)
-        self._accumulate(slots, f, edited, feature_delta, hidden_delta, active, state.out_scale)
+        return f.float(), state
+
+    def read_conditions(self, incoming: torch.Tensor) -> None:
+        """Write whether the conditions read from this dictionary hold (on ``incoming``, the
+        residual as it arrived at the hook point) into the board; keep the encode for the edits."""
+        self._encoded = None
+        window = self.window
+        if not len(self._rows("conditions", window)[0]):
+            return
+        rows, slots, _ = self._rows("encode", window)
+        f, state = self._encode(incoming.index_select(0, rows))  # (R'', T, |S|)
+        self._encoded = (incoming, rows, f, state)
+        feature = self.cond_feature.index_select(0, slots)  # (R'', K')
+        column = self.lookup[feature.clamp(min=0)].clamp(min=0)
+        values = f.gather(-1, column.unsqueeze(1).expand(-1, f.shape[1], -1))  # (R'', T, K')
+        threshold = self.cond_threshold.index_select(0, slots).unsqueeze(1)
+        holds = torch.where(self.cond_above.index_select(0, slots).unsqueeze(1), values > threshold, values < threshold)
+        self.board.write(rows, holds, feature >= 0)
+
+    def apply(self, hidden: torch.Tensor, incoming: torch.Tensor) -> torch.Tensor:
+        """This table's part of the hook: ``hidden (R, T, d)`` of the window → edited ``hidden``;
+        ``incoming`` is the residual as it arrived at the hook point."""
+        window = self.window
+        if self.readout_values is not None:
+            self._read_out(hidden, window)
+        rows, slots, conditional = self._rows("edits", window)
+        if not len(rows):
+            return hidden
+        if self._encoded is not None and hidden is incoming:  # nothing changed it: reuse the condition pass
+            _, encoded_rows, f, state = self._encoded
+            if len(encoded_rows) != len(rows):
+                index = torch.searchsorted(encoded_rows, rows)
+                f, state = f.index_select(0, index), select_state(state, index)
+        else:
+            f, state = self._encode(hidden.index_select(0, rows))  # (R', T, |S|)
+        kind = 0 if window.phase == PROMPT else 1
+        a, b = self.a.index_select(0, slots), self.b.index_select(0, slots)  # (R', |S|, L)
+        active = self.active[kind].index_select(0, slots)
+        real = window.real.index_select(0, rows).unsqueeze(-1) if window.real is not None else None  # (R', T, 1)
+        if conditional:
+            present, cond = self.present[kind].index_select(0, slots), self.cond.index_select(0, slots)
+            n_real = real.sum(1) if real is not None else f.shape[1]  # (R', 1) or T
+        edited, applied, counts = f, None, []
+        for layer in range(a.shape[-1]):
+            applies = active[..., layer].unsqueeze(1)  # (R', 1, |S|)
+            if conditional:
+                applies = applies & self.board.read(rows, cond[..., layer])  # (R', T, |S|)
+            if real is not None:  # never at padding
+                applies = applies & real
+            edited = torch.where(applies, a[..., layer].unsqueeze(1) * edited + b[..., layer].unsqueeze(1), edited)
+            applied = applies if applied is None else applied | applies
+            if conditional:  # where each conditional edit could apply, and where it did
+                counts.append(torch.stack([present[..., layer] * n_real, applies.expand_as(f).sum(1)]))  # (2, R', |S|)
+        applied = applied.expand_as(f)  # (R', T, |S|)
+        feature_delta = edited - f  # exactly 0 where no edit applied
+        hidden_delta = self.dictionary.delta(feature_delta.to(self.dictionary.dtype), self.subset, state)  # (R', T, d)
+        self._accumulate(slots, f, edited, feature_delta, hidden_delta, applied, state.out_scale)
+        if conditional:
+            self.edit_stats.index_add_(1, slots, torch.stack(counts, -1).float())
         return hidden.index_add(0, rows, hidden_delta.to(hidden.dtype))
 
-    def _accumulate(self, slots, f, edited, feature_delta, hidden_delta, active, out_scale) -> None:
+    def forget(self) -> None:
+        self._encoded = None
+
+    def _accumulate(self, slots, f, edited, feature_delta, hidden_delta, applied, out_scale) -> None:
         if isinstance(out_scale, torch.Tensor):
             out_scale = out_scale.float()  # (R', T, 1)
-        weight = active.float()  # (R', T, |S|)
+        weight = applied.float()  # (R', T, |S|)
         per_feature = torch.stack([
             weight, f * weight, edited * weight, (feature_delta != 0).float(),
             feature_delta.abs() * self.decoder_norms * out_scale,
         ]).sum(2)  # (5, R', |S|)
-        any_active = active.any(-1).float()  # (R', T)
-        per_row = torch.stack([any_active, hidden_delta.float().norm(dim=-1) * any_active]).sum(2)  # (2, R')
+        any_applied = applied.any(-1).float()  # (R', T)
+        per_row = torch.stack([any_applied, hidden_delta.float().norm(dim=-1) * any_applied]).sum(2)  # (2, R')
         self.stats.index_add_(1, slots, per_feature)
         self.row_stats.index_add_(1, slots, per_row)
 
     def _read_out(self, hidden: torch.Tensor, window: Window) -> None:
         """Top features at every position of the read-out rows, before this dictionary's edits."""
-        rows, slots = self._rows("readout", window)
+        rows, slots, _ = self._rows("readout", window)
         if not len(rows):
             return
         steps = hidden.shape[1]
@@ -252,25 +379,38 @@ class DictionaryTable:
     def report(self, slot: int, edits: list[EditSpec]) -> dict:
         """The edit report of the row in ``slot``: what its edits did on this dictionary."""
         count, before, after, changed_count, contribution = self.stats[:, slot].cpu().tolist()
+        eligible, fired = self.edit_stats[:, slot].cpu().tolist()  # each (|S|, L)
+        b = self.b[slot].cpu().tolist()
         positions, delta_norm_sum = self.row_stats[:, slot].cpu().tolist()
         per_feature = []
         for feature in sorted({edit.feature for edit in edits}):
             j = self.column[feature]
             n = count[j]
-            per_feature.append({
+            chain = [edit for edit in edits if edit.feature == feature]
+            entry = {
                 "feature": feature,
-                "ops": [edit.label() for edit in edits if edit.feature == feature],
+                "ops": [edit.label() for edit in chain],
                 "positions": int(n),
                 "mean_before": before[j] / n if n else None,
                 "mean_after": after[j] / n if n else None,
                 "mean_delta_norm": contribution[j] / n if n else None,
                 "changed_positions": int(changed_count[j]),
-            })
+            }
+            conditional = [{"op": edit.label(), "when": edit.when.model_dump(exclude_none=True),
+                            "eligible_positions": int(eligible[j][layer]), "fired_positions": int(fired[j][layer])}
+                           for layer, edit in enumerate(chain) if edit.when is not None]
+            if conditional:
+                entry["conditions"] = conditional
+            resolved = [{"op": edit.label(), "raw_value": b[j][layer]}
+                        for layer, edit in enumerate(chain) if edit.value_unit == "max_activation"]
+            if resolved:
+                entry["resolved_values"] = resolved
+            per_feature.append(entry)
         positions = int(positions)
         changed = any(entry["changed_positions"] for entry in per_feature)
         result = {
             "dictionary": self.name,
-            "hook": self.dictionary.config.hook,
+            "hook": self.hook,
             "positions_edited": positions,
             "mean_delta_norm": delta_norm_sum / positions if positions else 0.0,
             "features": per_feature,
@@ -278,7 +418,8 @@ class DictionaryTable:
         }
         if not changed:
             result["note"] = ("the edits changed nothing: the edited features were already at their target "
-                              "value (e.g. ablating features that never fired) at every edited position")
+                              "value (e.g. ablating features that never fired), or no condition held, at every "
+                              "edited position")
         return result
 
     def read_features(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,17 +428,34 @@ class DictionaryTable:
         return self.readout_values[slot, :n, :k].cpu(), self.readout_indices[slot, :n, :k].cpu()
 
 
-def static_tables(dictionaries: dict, edits: list[EditSpec], rows: int, device: torch.device) -> list[DictionaryTable]:
-    """Tables applying the same ``edits`` to every one of ``rows`` rows at every position
-    (a full forward counted as prompt: the evaluator's edited run), in layer order."""
-    names = sorted({edit.dictionary for edit in edits}, key=lambda n: (dictionaries[n].config.layer, n))
-    window = Window(0, rows, PROMPT)
-    tables = []
-    for name in names:
+def static_tables(dictionaries: dict, edits: list[EditSpec], rows: int, device: torch.device, *,
+                  vectors: dict | None = None, feature_max: dict | None = None) -> list:
+    """Hook-point editors applying the same ``edits`` (feature, vector and conditional edits) to
+    every one of ``rows`` rows at every position (a full forward counted as prompt: the
+    evaluator's edited run), in hook order; enter them with
+    :func:`~editing.engine.editors.edit_hooks`."""
+    from editing.engine.conditions import ConditionBoard, condition_index
+    from editing.engine.editors import point_editors
+    from editing.engine.vector_tables import VectorTable
+    from editing.edits import dictionaries_named
+
+    vectors, feature_max = vectors or {}, feature_max or {}
+    conditions = condition_index(edits)
+    board = ConditionBoard(device)
+    board.reserve(len(conditions))
+    tables, vector_tables = [], {}
+    for name in sorted(dictionaries_named(edits)):
         table = DictionaryTable(name, dictionaries[name], device)
         mine = [edit for edit in edits if edit.dictionary == name]
+        sources = {condition: k for condition, k in conditions.items() if condition.dictionary == name}
         for row in range(rows):
-            table.add_row(row, mine)
-        table.window = window
+            table.add_row(row, mine, conditions=conditions, sources=sources, feature_max=feature_max.get(name))
         tables.append(table)
-    return tables
+    for edit in edits:
+        if edit.op == "vector":
+            vector_tables.setdefault(vectors[edit.vector].hook, []).append(edit)
+    for hook, mine in list(vector_tables.items()):
+        table = vector_tables[hook] = VectorTable(hook, device)
+        for row in range(rows):
+            table.add_row(row, mine, vectors, conditions)
+    return point_editors(tables, list(vector_tables.values()), board, Window(0, rows, PROMPT))

@@ -21,36 +21,69 @@ from __future__ import annotations
 
 import torch
 
-from editing.edits import EditError, validate_edits
+from editing.edits import EditError, dictionaries_named, validate_edits, vectors_named
 from editing.engine.requests import EngineError, GenerationRequest, GenerationResult
 from editing.hookpoints import parse_hook_name
 from editing.nethook import Trace
 
 
 class Engine:
-    def __init__(self, model, tokenizer, dictionaries: dict | None = None, *, max_positions: int | None = None):
+    def __init__(self, model, tokenizer, dictionaries: dict | None = None, *, max_positions: int | None = None,
+                 vectors: dict | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.max_positions = max_positions or int(model.config.max_position_embeddings)
         self.dictionaries: dict = {}
+        self.feature_max: dict = {}  # name -> (d_sae,) recorded maximum activations, for dictionaries with statistics
+        self.vectors: dict = {}  # name -> SteeringVector
         for name, dictionary in (dictionaries or {}).items():
             self.add_dictionary(name, dictionary)
+        for vector in (vectors or {}).values():
+            self.add_vector(vector)
 
-    # --- dictionaries -------------------------------------------------------------------------
+    # --- dictionaries and steering vectors ------------------------------------------------------
 
-    def add_dictionary(self, name: str, dictionary) -> None:
-        """Serve ``dictionary`` under ``name``; refused if it does not fit the model."""
-        config = dictionary.config
-        layer, _ = parse_hook_name(config.hook)
-        n_layers, width = self.model.config.num_hidden_layers, self.model.config.hidden_size
-        if layer >= n_layers or config.d_in != width:
-            raise EditError(f"dictionary {name!r} ({config.hook}, d_in {config.d_in}) does not fit this "
-                            f"{n_layers}-layer model of width {width}", "dictionary")
+    def _fits(self, what: str, hook: str, width: int) -> None:
+        layer, _ = parse_hook_name(hook)
+        n_layers, d_model = self.model.config.num_hidden_layers, self.model.config.hidden_size
+        if layer >= n_layers or width != d_model:
+            raise EditError(f"{what} ({hook}, width {width}) does not fit this {n_layers}-layer model of width "
+                            f"{d_model}", what.split()[0])
+
+    def add_dictionary(self, name: str, dictionary, *, feature_max=None) -> None:
+        """Serve ``dictionary`` under ``name``; refused if it does not fit the model. ``feature_max``:
+        its features' recorded maximum activations (from its statistics), for ``max_activation`` units."""
+        self._fits(f"dictionary {name!r}", dictionary.config.hook, dictionary.config.d_in)
         self.dictionaries[name] = dictionary.to(self.device)
+        if feature_max is not None:
+            self.feature_max[name] = feature_max.float().cpu()
+        else:
+            self.feature_max.pop(name, None)
 
     def remove_dictionary(self, name: str) -> None:
         self.dictionaries.pop(name, None)
+        self.feature_max.pop(name, None)
+
+    def add_vector(self, vector) -> None:
+        """Serve a :class:`~dictionaries.vectors.SteeringVector` under its name (replacing one of the
+        same name for rows admitted from now on); refused if it does not fit the model."""
+        self._fits(f"vector {vector.name!r}", vector.hook, vector.d)
+        self.vectors[vector.name] = vector.to(self.device)
+
+    def remove_vector(self, name: str) -> None:
+        self.vectors.pop(name, None)
+
+    def resources(self, request: GenerationRequest) -> tuple[dict, dict, dict]:
+        """What a request's rows use, resolved at admission: ``(dictionaries, vectors, feature_max)``
+        by name (dictionaries it edits, reads conditions from or reads out)."""
+        names = dictionaries_named(request.edits) | ({request.return_features[0]} if request.return_features else set())
+        vectors = {name: self.vectors.get(name) for name in vectors_named(request.edits)}
+        for name, vector in vectors.items():
+            if vector is None:  # removed (by another thread) since the request was checked
+                raise EngineError(f"steering vector {name!r} was removed while the request waited", "edits")
+        return ({name: self.dictionaries[name] for name in names}, vectors,
+                {name: self.feature_max[name] for name in names if name in self.feature_max})
 
     # --- validation ---------------------------------------------------------------------------
 
@@ -85,7 +118,8 @@ class Engine:
             raise EngineError(f"{where}.top_p must be in (0, 1]", f"{where}.top_p")
         if request.top_k < 0:
             raise EngineError(f"{where}.top_k must be >= 0", f"{where}.top_k")
-        validate_edits(request.edits, self.dictionaries, f"{where}.edits")
+        validate_edits(request.edits, self.dictionaries, f"{where}.edits", vectors=self.vectors,
+                       feature_max=self.feature_max)
         if request.return_features is not None:
             name, top_k = request.return_features
             if name not in self.dictionaries:

@@ -147,6 +147,8 @@ class Sequence:
     last_token_at: float = 0.0
     result: GenerationResult | None = None
     fresh: int = 0  # tokens appended this step
+    vectors: dict = field(default_factory=dict)  # name -> SteeringVector, resolved at admission
+    feature_max: dict = field(default_factory=dict)  # dictionary name -> recorded max activations (value units)
 
     @property
     def tokens_needed(self) -> int:
@@ -280,18 +282,18 @@ class Scheduler:
                 self._waiting.popleft()
             try:
                 self.engine.validate(request)  # a dictionary may have been undeployed while it waited
+                dictionaries, vectors, feature_max = self.engine.resources(request)
             except Exception as err:  # noqa: BLE001 - this request fails (EditError: a 4xx), the rest go on
                 self._fail(handle, err)
                 continue
             self.tokens_in_flight += need
             seed = request.seed if request.seed is not None else secrets.randbits(63)
-            names = {e.dictionary for e in request.edits} | ({request.return_features[0]} if request.return_features else set())
             common = dict(prompt=list(request.prompt), max_new_tokens=request.max_new_tokens, stop=tuple(request.stop),
                           ignore_eos=request.ignore_eos, score_prompt=request.prompt_logprobs,
                           top_n=request.top_logprobs, temperature=request.temperature, top_k=request.top_k,
                           top_p=request.top_p, seed=seed)
             main = Sequence(handle, False, edits=tuple(request.edits), readout=request.return_features,
-                            dictionaries={name: self.engine.dictionaries[name] for name in names}, **common)
+                            dictionaries=dictionaries, vectors=vectors, feature_max=feature_max, **common)
             handle.sequences.append(main)
             if request.include_baseline:
                 handle.sequences.append(Sequence(handle, True, edits=(), readout=None, dictionaries={}, **common))
@@ -362,6 +364,7 @@ class Scheduler:
                 report.append((table, table.report(sequence.slot, mine)))
             if sequence.readout and sequence.readout[0] == name:
                 features = self._features(sequence, *table.read_features(sequence.slot))
+        report += self.batch.vector_reports(sequence)
         report.sort(key=lambda pair: hook_order(pair[0]))
         return GenerationResult(
             text=sequence.text if sequence.text is not None else self.engine.tokenizer.decode(sequence.tokens),

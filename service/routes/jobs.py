@@ -86,13 +86,23 @@ class JobRoutes(JobLauncher):
         if body.dictionary not in store:
             raise ApiError(404, f"no dictionary named {body.dictionary!r} in the store", type="not_found_error",
                            param="dictionary")
+        from dictionaries.vectors import VectorStore
+
+        vectors = VectorStore()
         for index, edit in enumerate(body.edits):
-            if edit.dictionary not in store:
-                raise ApiError(400, f"edits[{index}].dictionary: no dictionary named {edit.dictionary!r}",
-                               param=f"edits[{index}].dictionary")
-            if edit.feature >= store.config(edit.dictionary).d_sae:
-                raise ApiError(400, f"edits[{index}].feature: {edit.feature} is out of range for {edit.dictionary!r}",
-                               param=f"edits[{index}].feature")
+            if edit.vector is not None and edit.vector not in vectors:
+                raise ApiError(400, f"edits[{index}].vector: no steering vector named {edit.vector!r}",
+                               param=f"edits[{index}].vector")
+            named = [("", edit.dictionary, edit.feature)] if edit.dictionary is not None else []
+            if edit.when is not None:
+                named.append((".when", edit.when.dictionary, edit.when.feature))
+            for where, dictionary, feature in named:
+                if dictionary not in store:
+                    raise ApiError(400, f"edits[{index}]{where}.dictionary: no dictionary named {dictionary!r}",
+                                   param=f"edits[{index}]{where}.dictionary")
+                if feature >= store.config(dictionary).d_sae:
+                    raise ApiError(400, f"edits[{index}]{where}.feature: {feature} is out of range for {dictionary!r}",
+                                   param=f"edits[{index}]{where}.feature")
             if edit.positions == "generated":
                 raise ApiError(400, f"edits[{index}].positions: an evaluation scores given text, which has no "
                                     "generated positions; use 'all' or 'prompt'", param=f"edits[{index}].positions")

@@ -46,6 +46,13 @@ PROBES = {
     ("PUT", "/v1/presets/{name}"): ("/v1/presets/matrix-probe",
                                     {"json": {"edits": [{"dictionary": "nope", "feature": 1, "op": "ablate"}]}}, 400),
     ("DELETE", "/v1/presets/{name}"): ("/v1/presets/no-such-preset", {}, 404),
+    ("POST", "/v1/search"): ("/v1/search", {"json": {}}, 400),
+    ("POST", "/v1/contrast"): ("/v1/contrast", {"json": {}}, 400),
+    ("GET", "/v1/vectors"): ("/v1/vectors", {}, 200),
+    ("GET", "/v1/vectors/{name}"): ("/v1/vectors/no-such-vector", {}, 404),
+    ("PUT", "/v1/vectors/{name}"): ("/v1/vectors/matrix-probe", {"json": {}}, 400),
+    ("DELETE", "/v1/vectors/{name}"): ("/v1/vectors/no-such-vector", {}, 404),
+    ("GET", "/v1/dictionaries/{a}/compare/{b}"): (f"/v1/dictionaries/{DEFAULT}/compare/{DEFAULT}", {}, 200),
     ("GET", "/v1/dictionaries/{name}/features"): (f"/v1/dictionaries/{DEFAULT}/features?q=file", {}, 200),
 }
 CALLERS = {"no key": None, "user": USER_KEY, "admin": ADMIN_KEY, "over-rate": SLOW_KEY}

@@ -165,8 +165,10 @@ def test_cli_manages_presets(server, capsys):
     listed = capsys.readouterr().out
     assert "pythia-tiny+cli-demo" in listed and f"{DEFAULT}:3:ablate@prompt" in listed and "from the CLI" in listed
     assert main(["preset", "show", "cli-demo", "--server", server]) == 0
-    assert json.loads(capsys.readouterr().out)["edits"][1] == {"dictionary": DEFAULT, "feature": 3, "op": "ablate",
-                                                             "positions": "prompt"}
+    from editing.edits import EditSpec
+
+    shown = json.loads(capsys.readouterr().out)["edits"][1]
+    assert EditSpec(**shown) == EditSpec(dictionary=DEFAULT, feature=3, op="ablate", positions="prompt")
     assert main(["preset", "rm", "cli-demo", "--server", server]) == 0
     assert main(["preset", "rm", "cli-demo", "--server", server]) == 2  # a 404: one line, no traceback
     assert "no preset named" in capsys.readouterr().err

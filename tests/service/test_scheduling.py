@@ -53,7 +53,7 @@ CANCELLED = r'^steerserve_cancellations_total\{model="pythia-tiny",replica="\w+"
 
 def test_configured_limits_are_in_force(tight):
     url, limits = tight
-    [card] = requests.get(url + "/v1/models", timeout=30).json()["data"]
+    [card] = [m for m in requests.get(url + "/v1/models", timeout=30).json()["data"] if "preset" not in m]
     assert card["limits"]["max_new_tokens"] == 1000 and card["limits"]["max_running_rows"] == 2 and card["limits"]["max_queued_requests"] == 2
     assert card["limits"]["max_tokens_in_flight"] == 4096 and card["limits"]["prefill_chunk_tokens"] == 32
     with ThreadPoolExecutor(4) as pool:  # 4 = 2 running + 2 queued: all served

@@ -334,8 +334,10 @@ def test_an_evaluation_started_from_the_form_shows_its_figures(page, server, sho
     expect(detail).to_have_attribute("data-status", "succeeded", timeout=300_000)
     job_id = page.url.rsplit("/", 1)[1]
     record = requests.get(f"{server}/v1/evaluations/{job_id}", timeout=30).json()
-    assert record["request"]["edits"] == [{"dictionary": DEFAULT, "feature": 5, "op": "scale", "value": 3.0,
-                                           "positions": "all"}]
+    from editing.edits import EditSpec  # the record lists every field, defaults included
+
+    assert [EditSpec(**edit) for edit in record["request"]["edits"]] == [
+        EditSpec(dictionary=DEFAULT, feature=5, op="scale", value=3.0, positions="all")]
     result = record["result"]
     for run in ("clean", "spliced", "zero", "edited"):
         ce = result["ce"][run]
