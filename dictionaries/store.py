@@ -81,6 +81,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never a part:
+    a temporary file beside it, fsynced, renamed over ``path``, then the directory fsynced (a
+    failure removes the temporary file and leaves ``path`` as it was)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with temporary.open("wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
 class DictionaryStore:
     def __init__(self, root: Path | str | None = None):
         self.root = Path(root) if root is not None else default_root()
@@ -223,12 +241,7 @@ class DictionaryStore:
         """Replace one optional file (``metrics.json``, features) of an installed dictionary atomically."""
         if filename not in OPTIONAL_FILES:
             raise DictionaryError(f"file {filename!r} is not an optional dictionary file; allowed: {', '.join(OPTIONAL_FILES)}")
-        path = self.path(name)
-        temporary = path / f".{filename}.{uuid.uuid4().hex[:8]}"
-        temporary.write_bytes(data)
-        with temporary.open("rb") as stream:
-            os.fsync(stream.fileno())
-        os.replace(temporary, path / filename)
+        write_atomic(self.path(name) / filename, data)
 
     def delete(self, name: str) -> None:
         target = self.path(name)

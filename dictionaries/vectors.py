@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from dictionaries.config import HOOK_NAME, DictionaryError
-from dictionaries.store import validate_name
+from dictionaries.store import validate_name, write_atomic
 
 FORMAT = "steerserve.vector/1"
 MAX_WIDTH = 65_536
@@ -144,21 +143,7 @@ class VectorStore:
             "format": FORMAT, "hook": vector.hook,
             "model": json.dumps({"name": vector.model_name, "sha256": vector.model_sha256}),
             "provenance": json.dumps(vector.provenance)})
-        temporary = self.root / f".{vector.name}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            with temporary.open("wb") as stream:
-                stream.write(data)
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
-        fd = os.open(self.root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_atomic(path, data)
         return path
 
     def delete(self, name: str) -> None:

@@ -14,12 +14,11 @@ pickled. A request's own ``edits`` are applied after its preset's (:func:`merged
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 import time
 from pathlib import Path
 
+from dictionaries.store import write_atomic
 from editing.home import steerserve_home
 from service.protocol import ApiError
 
@@ -59,22 +58,7 @@ class PresetStore:
         previous = self.get(name)
         now = time.time()
         record = {**record, "name": name, "created": previous["created"] if previous else now, "updated": now}
-        self.root.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.root)
-        try:
-            with os.fdopen(descriptor, "w") as stream:
-                stream.write(json.dumps(record, indent=2) + "\n")
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.replace(temporary, self._path(name))
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        directory = os.open(self.root, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        write_atomic(self._path(name), (json.dumps(record, indent=2) + "\n").encode())
         return record
 
     def delete(self, name: str) -> bool:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from editing.edits import EditSpec
+from editing.engine.slot_table import SlotTable
 
 PAD, PROMPT, GENERATED = 0, 1, 2
 KINDS = {"all": (0, 1), "prompt": (0,), "generated": (1,)}  # [prompt, generated] positions an edit applies to
@@ -55,9 +56,10 @@ def select_state(state, index: torch.Tensor):
     return type(state)(*(part.index_select(0, index) if isinstance(part, torch.Tensor) else part for part in state))
 
 
-class DictionaryTable:
+class DictionaryTable(SlotTable):
     def __init__(self, name: str, dictionary, device: torch.device):
-        self.name, self.dictionary, self.device = name, dictionary, device
+        super().__init__(device)
+        self.name, self.dictionary = name, dictionary
         self.hook = dictionary.config.hook
         self.window: Window | None = None
         self.board = None  # the batch's ConditionBoard, set with the window
@@ -87,14 +89,9 @@ class DictionaryTable:
         self.readout_values: torch.Tensor | None = None  # (slots, positions, k)
         self.readout_indices: torch.Tensor | None = None
         self.readout_written = torch.zeros(0, dtype=torch.long, device=device)  # (slots,)
-        self._selections: dict[tuple, tuple] = {}
         self._encoded = None  # (incoming hidden, rows, f, state) from this forward's condition pass
 
     # --- rows joining, moving, leaving ------------------------------------------------------
-
-    @property
-    def capacity(self) -> int:
-        return int(self.edited.shape[0])
 
     @property
     def layers(self) -> int:
@@ -105,23 +102,12 @@ class DictionaryTable:
                 "cond_threshold": (0, 0.0), "conditioned": (0, False), "stats": (1, 0.0), "edit_stats": (1, 0.0),
                 "row_stats": (1, 0.0), "readout_k": (0, 0), "readout_written": (0, 0)}
 
-    def _pad(self, name: str, dim: int, size: int, fill) -> None:
-        tensor = getattr(self, name)
-        if tensor.shape[dim] >= size:
-            return
-        shape = list(tensor.shape)
-        shape[dim] = size - tensor.shape[dim]
-        setattr(self, name, torch.cat([tensor, torch.full(shape, fill, dtype=tensor.dtype, device=self.device)], dim))
-
-    def _grow_rows(self, slots: int) -> None:
-        if slots <= self.capacity:
-            return
-        new = max(slots, 2 * self.capacity, 4)
-        for name, (dim, fill) in self._BY_SLOT.items():
-            self._pad(name, dim, new, fill)
-        if self.readout_values is not None:
+    def _grow_slots(self, slots: int) -> int | None:
+        new = super()._grow_slots(slots)
+        if new is not None and self.readout_values is not None:
             self._pad("readout_values", 0, new, 0.0)
             self._pad("readout_indices", 0, new, 0)
+        return new
 
     def _grow_layers(self, layers: int) -> None:
         for name, fill in (("a", 1.0), ("b", 0.0), ("cond", -1), ("present", False), ("active", False),
@@ -166,7 +152,7 @@ class DictionaryTable:
         ``conditions`` and the ``sources`` (conditions read from this dictionary, by number);
         ``feature_max``: the dictionary's recorded maximum activations (``max_activation`` units)."""
         conditions, sources = conditions or {}, sources or {}
-        self._grow_rows(slot + 1)
+        self._grow_slots(slot + 1)
         self.clear(slot)
         wanted = sorted({edit.feature for edit in edits} | {condition.feature for condition in sources})
         if any(feature not in self.column for feature in wanted):
@@ -210,27 +196,11 @@ class DictionaryTable:
             self._reserve_readout(positions, readout_k)
         self._selections.clear()
 
-    def clear(self, slot: int) -> None:
-        """Forget whatever ``slot`` held (its row left)."""
-        if slot >= self.capacity:
-            return
-        for name, (dim, fill) in self._BY_SLOT.items():
-            getattr(self, name).select(dim, slot).fill_(fill)
-        self._selections.clear()
-
     def move(self, destination: torch.Tensor, source: torch.Tensor) -> None:
-        """Slots ``source`` move to slots ``destination`` (the batch's permutation)."""
-        self._grow_rows(int(torch.cat([destination, source]).max()) + 1 if len(destination) else 0)
-        for name, (dim, _) in self._BY_SLOT.items():
-            tensor = getattr(self, name)
-            if dim == 0:
-                tensor[destination] = tensor[source]
-            else:
-                tensor[:, destination] = tensor[:, source]
-        if self.readout_values is not None:
+        super().move(destination, source)
+        if self.readout_values is not None:  # read-outs are per slot too, but sized apart
             self.readout_values[destination] = self.readout_values[source]
             self.readout_indices[destination] = self.readout_indices[source]
-        self._selections.clear()
 
     def in_use(self) -> bool:
         return bool(self.edited.any()) or bool(self.conditioned.any()) or bool((self.readout_k > 0).any())
@@ -434,10 +404,10 @@ def static_tables(dictionaries: dict, edits: list[EditSpec], rows: int, device: 
     every one of ``rows`` rows at every position (a full forward counted as prompt: the
     evaluator's edited run), in hook order; enter them with
     :func:`~editing.engine.editors.edit_hooks`."""
+    from editing.edits import dictionaries_named
     from editing.engine.conditions import ConditionBoard, condition_index
     from editing.engine.editors import point_editors
     from editing.engine.vector_tables import VectorTable
-    from editing.edits import dictionaries_named
 
     vectors, feature_max = vectors or {}, feature_max or {}
     conditions = condition_index(edits)

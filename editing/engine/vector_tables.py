@@ -22,11 +22,13 @@ import torch
 
 from editing.edits import EditSpec
 from editing.engine.edit_tables import KINDS, PROMPT, Window
+from editing.engine.slot_table import SlotTable
 
 
-class VectorTable:
+class VectorTable(SlotTable):
     def __init__(self, hook: str, device: torch.device):
-        self.hook, self.name, self.device = hook, hook, device
+        super().__init__(device)
+        self.hook, self.name = hook, hook
         self.window: Window | None = None
         self.board = None
         f32 = dict(dtype=torch.float32, device=device)
@@ -38,30 +40,14 @@ class VectorTable:
         self.edited = torch.zeros(0, dtype=torch.bool, device=device)  # (slots,)
         self.stats = torch.zeros(3, 0, 0, **f32)  # (3, slots, E): eligible positions, fired positions, Σ ‖added‖
         self.row_stats = torch.zeros(2, 0, **f32)  # (2, slots): positions changed, Σ ‖Δh‖
-        self._selections: dict[tuple, tuple] = {}
 
     _BY_SLOT = {"vectors": (0, 0.0), "norms": (0, 0.0), "relative": (0, False), "cond": (0, -1),
                 "present": (1, False), "edited": (0, False), "stats": (1, 0.0), "row_stats": (1, 0.0)}
     _BY_EDIT = {"vectors": (1, 0.0), "norms": (1, 0.0), "relative": (1, False), "cond": (1, -1),
                 "present": (2, False), "stats": (2, 0.0)}
 
-    @property
-    def capacity(self) -> int:
-        return int(self.edited.shape[0])
-
-    def _pad(self, name: str, dim: int, size: int, fill) -> None:
-        tensor = getattr(self, name)
-        if tensor.shape[dim] >= size:
-            return
-        shape = list(tensor.shape)
-        shape[dim] = size - tensor.shape[dim]
-        setattr(self, name, torch.cat([tensor, torch.full(shape, fill, dtype=tensor.dtype, device=self.device)], dim))
-
     def _grow(self, slots: int, edits: int = 0, width: int = 0) -> None:
-        if slots > self.capacity:
-            new = max(slots, 2 * self.capacity, 4)
-            for name, (dim, fill) in self._BY_SLOT.items():
-                self._pad(name, dim, new, fill)
+        self._grow_slots(slots)
         for name, (dim, fill) in self._BY_EDIT.items():
             self._pad(name, dim, edits, fill)
         self._pad("vectors", 2, width, 0.0)
@@ -83,23 +69,6 @@ class VectorTable:
             for kind in KINDS[edit.positions]:
                 self.present[kind, slot, e] = True
         self.edited[slot] = bool(edits)
-        self._selections.clear()
-
-    def clear(self, slot: int) -> None:
-        if slot >= self.capacity:
-            return
-        for name, (dim, fill) in self._BY_SLOT.items():
-            getattr(self, name).select(dim, slot).fill_(fill)
-        self._selections.clear()
-
-    def move(self, destination: torch.Tensor, source: torch.Tensor) -> None:
-        self._grow(int(torch.cat([destination, source]).max()) + 1 if len(destination) else 0)
-        for name, (dim, _) in self._BY_SLOT.items():
-            tensor = getattr(self, name)
-            if dim == 0:
-                tensor[destination] = tensor[source]
-            else:
-                tensor[:, destination] = tensor[:, source]
         self._selections.clear()
 
     def in_use(self) -> bool:
