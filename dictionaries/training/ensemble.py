@@ -42,7 +42,10 @@ class SaeSpec:
     architecture: str = "relu"
     d_sae: int = 1024
     l1: float = 0.0
-    """Sparsity coefficient λ: of the L1 penalty (relu) or the L0 penalty (jumprelu)."""
+    """Sparsity coefficient λ: of the L1 penalty (relu) or the L0 penalty (jumprelu); with
+    ``target_l0``, the coefficient the controller starts from."""
+    target_l0: float | None = None
+    """relu, jumprelu: steer λ during training so that a token fires about this many features."""
     k: int | None = None
     """Active latents a token (topk)."""
     seed: int = 0
@@ -71,6 +74,13 @@ class SaeSpec:
             raise ValueError("l1_mode must be 'decoder_norm' or 'unit_norm'")
         if self.tied and self.architecture != "relu":
             raise ValueError("tied weights are for relu dictionaries")
+        if self.target_l0 is not None:
+            if self.architecture == "topk":
+                raise ValueError("target_l0 is for relu and jumprelu; a topk dictionary's L0 is its k")
+            if not 0 < self.target_l0 < self.d_sae:
+                raise ValueError(f"target_l0 must be in (0, d_sae={self.d_sae}), got {self.target_l0}")
+            if not self.l1 > 0:
+                raise ValueError("with target_l0, l1 is the starting coefficient and must be positive")
 
     @property
     def unit_norm_decoder(self) -> bool:
@@ -82,19 +92,30 @@ class SaeSpec:
 
     def label(self) -> str:
         parts = [self.architecture, f"f{self.d_sae}"]
-        parts.append({"topk": f"k{self.k}", "jumprelu": f"l0-{self.l1:g}"}.get(self.architecture, f"l1-{self.l1:g}"))
+        if self.target_l0 is not None:
+            parts.append(f"target{self.target_l0:g}")
+        else:
+            parts.append({"topk": f"k{self.k}", "jumprelu": f"l0-{self.l1:g}"}.get(self.architecture, f"l1-{self.l1:g}"))
         return "-".join(parts + ([f"s{self.seed}"] if self.seed else []))
 
 
 def sweep_specs(architecture: str, d_sae: list[int], *, l1: list[float] = (1.0,), k: list[int] = (32,),
-                seeds: list[int] = (0,), tied: bool = False, l1_mode: str = "decoder_norm") -> list[SaeSpec]:
-    """Every combination of a sweep: sizes × seeds × (k values for topk, L1 coefficients for relu)."""
+                seeds: list[int] = (0,), tied: bool = False, l1_mode: str = "decoder_norm",
+                target_l0: list[float] | None = None) -> list[SaeSpec]:
+    """Every combination of a sweep: sizes × seeds × (k values for topk; L1/L0 coefficients, or
+    target L0s, for relu and jumprelu). With targets, each member starts from the first ``l1``."""
+    if target_l0 and architecture == "topk":
+        raise ValueError("target_l0 is for relu and jumprelu; a topk dictionary's L0 is its k")
     specs = []
     for size, seed in itertools.product(d_sae, seeds):
         if architecture == "topk":
             specs += [SaeSpec("topk", size, k=value, seed=seed) for value in k]
+            continue
+        layout = dict(l1_mode=l1_mode) if architecture == "relu" else {}  # tied: SaeSpec refuses it for jumprelu
+        if target_l0:
+            specs += [SaeSpec(architecture, size, l1=l1[0], target_l0=target, seed=seed, tied=tied, **layout)
+                      for target in target_l0]
         else:
-            layout = dict(l1_mode=l1_mode) if architecture == "relu" else {}  # tied: SaeSpec refuses it for jumprelu
             specs += [SaeSpec(architecture, size, l1=value, seed=seed, tied=tied, **layout) for value in l1]
     return specs
 

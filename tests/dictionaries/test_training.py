@@ -59,7 +59,7 @@ def test_cache_is_reused_and_identical(small_model, tmp_path):
 
 def _config(specs, **changes):
     settings = dict(hook=HOOK, specs=tuple(specs), tokens=6144, batch_size=512, context_length=32,
-                    learning_rate=3e-3, warmup_steps=3, dead_window=2048, resample_every=2048)
+                    learning_rate=3e-3, dead_window=2048, resample_every=2048)
     return TrainConfig(**{**settings, **changes})
 
 
