@@ -182,9 +182,10 @@ class Ensemble(nn.Module):
         ``total_variance`` is Σ‖x − μ‖² of the whole batch when ``x`` is a slice of it.
 
         relu members use :class:`ReluLoss`, a forward and hand-written backward that touch
-        the ``(N, B, F)`` activations a few times instead of autograd's dozen;
-        ``reference=True`` computes the same losses with plain autograd (the tests compare
-        the two). ``dtype`` is the matmuls' dtype in the fused path (bfloat16 on CUDA);
+        the ``(N, B, F)`` activations a few times instead of autograd's dozen; topk members
+        use :meth:`_topk_losses`, where only the one encoder matmul is dense;
+        ``reference=True`` computes the same losses with plain dense autograd (the tests compare
+        them). ``dtype`` is the matmuls' dtype in the fused path (bfloat16 on CUDA);
         ``cast`` is :meth:`matmul_weights` for it, when one step runs several slices."""
         if total_variance is None:
             total_variance = (x - x.mean(0)).pow(2).sum()
@@ -196,6 +197,8 @@ class Ensemble(nn.Module):
             mse = squared / (len(x) * self.d_in)
             return {"loss": loss, "aux": torch.zeros_like(loss), "mse": mse, "fvu": squared / total_variance,
                     "l0": active / len(x), "fired": totals > 0}
+        if self.architecture == "topk" and not reference:
+            return self._topk_losses(x, dead, aux_coefficient, total_variance)
         pre, f = self.encode(x)
         reconstruction = self.decode(f)
         error = reconstruction - x.unsqueeze(0)  # (N, B, d)
@@ -216,6 +219,45 @@ class Ensemble(nn.Module):
         active = f.detach().sign()  # f >= 0: 1 where a latent fires (cheaper than f > 0 on CPUs)
         return {"loss": mse + sparsity, "aux": aux, "mse": mse.detach(), "fvu": fvu,
                 "l0": active.sum(-1).mean(-1), "fired": active.sum(1) > 0}
+
+    def _topk_losses(self, x, dead, aux_coefficient, total_variance) -> dict:
+        """topk losses with sparse gradients: the pre-activations are one dense matmul without
+        autograd; only the selected ones (k a token, and AuxK's dead latents) are gathered back
+        into the graph (:class:`GatheredPre`, gradients by ``index_add``), and decoding is an
+        ``embedding_bag`` over the selected decoder rows. Same values and gradients as the
+        dense formula, a fraction of its matmuls."""
+        n, f_size = len(self.specs), self.d_sae
+        with torch.no_grad():
+            centred = x.unsqueeze(0) - self.b_dec.unsqueeze(1)  # (N, B, d)
+            pre = torch.baddbmm(self.b_enc.unsqueeze(1), centred.to(self.encoder.dtype), self.encoder)  # (N, B, F)
+            top = pre.topk(int(self.k.max()), dim=-1)  # (N, B, k_max)
+        # b_dec enters the encoder as −b_dec·W_enc, a per-feature bias: its gradient comes from b_enc's
+        bias = self.b_enc - torch.bmm((self.b_dec - self.b_dec.detach()).unsqueeze(1), self.encoder).squeeze(1)  # (N, F)
+        keep = torch.arange(top.indices.shape[-1], device=x.device) < self.k.view(-1, 1, 1)  # member n keeps k_n
+        acts = torch.relu(GatheredPre.apply(centred, self.encoder, bias, top.indices, top.values)) * keep  # (N, B, k)
+        reconstruction = _sparse_decode(acts, top.indices, self.W_dec) + self.b_dec.unsqueeze(1)  # (N, B, d)
+        error = reconstruction - x.unsqueeze(0)  # (N, B, d)
+        mse = error.pow(2).sum(-1).mean(-1) / self.d_in  # (N,)
+        fvu = error.detach().pow(2).sum((-1, -2)) / total_variance  # (N,)
+        active = (acts.detach() > 0).to(pre.dtype)  # (N, B, k)
+        fired = torch.zeros(n, f_size, device=x.device, dtype=pre.dtype).scatter_add_(
+            1, top.indices.view(n, -1), active.view(n, -1)) > 0  # (N, F)
+        aux = torch.zeros_like(mse)
+        if dead is not None and bool(dead.any()):
+            n_dead = dead.sum(-1)  # (N,)
+            k_aux = n_dead.clamp(max=self.d_in // 2)  # (N,) each member its own, as if trained alone
+            with torch.no_grad():
+                candidates = torch.where(dead.unsqueeze(1), pre, torch.full_like(pre, -torch.inf))  # only dead latents
+                aux_top = candidates.topk(int(k_aux.max()), dim=-1)  # (N, B, k_aux)
+                aux_keep = (torch.arange(aux_top.indices.shape[-1], device=x.device) < k_aux.view(-1, 1, 1)) \
+                    & torch.isfinite(aux_top.values)
+            aux_acts = torch.relu(GatheredPre.apply(centred, self.encoder, bias, aux_top.indices,
+                                                    pre.gather(-1, aux_top.indices))) * aux_keep  # (N, B, k_aux)
+            predicted = _sparse_decode(aux_acts, aux_top.indices, self.W_dec)  # no bias: it predicts the residual
+            scale = (n_dead.float() / k_aux.clamp(min=1)).clamp(max=1.0)
+            aux = aux_coefficient * scale * (predicted + error.detach()).pow(2).sum((-1, -2)) / total_variance
+        return {"loss": mse, "aux": aux, "mse": mse.detach(), "fvu": fvu, "l0": active.sum(-1).mean(-1),
+                "fired": fired}
 
     @torch.no_grad()
     def matmul_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -321,6 +363,41 @@ class ReluLoss(torch.autograd.Function):
             grad_w_dec += grad_enc.transpose(1, 2)
             grad_enc = None
         return None, grad_enc, grad_w_dec, grad_b_enc, grad_b_dec, None, None, None, None, None
+
+
+def _sparse_decode(acts: torch.Tensor, indices: torch.Tensor, w_dec: torch.Tensor) -> torch.Tensor:
+    """``Σ_j acts[n, b, j] · W_dec[n, indices[n, b, j]]`` → ``(N, B, d)``: one ``embedding_bag``
+    over the members' stacked decoder rows."""
+    n, b, k = acts.shape
+    f_size, d = w_dec.shape[1:]
+    rows = (indices + torch.arange(n, device=indices.device).view(n, 1, 1) * f_size).view(n * b, k)
+    out = torch.nn.functional.embedding_bag(rows, w_dec.reshape(n * f_size, d), mode="sum",
+                                            per_sample_weights=acts.reshape(n * b, k).to(w_dec.dtype))
+    return out.view(n, b, d)
+
+
+class GatheredPre(torch.autograd.Function):
+    """The pre-activations ``centred · W_enc + bias`` at ``indices (N, B, j)``, their values
+    computed already (``values``); the gradient goes to ``W_enc`` and ``bias`` only at those
+    columns, by ``index_add`` (``centred`` carries none: b_dec's part is in ``bias``)."""
+
+    @staticmethod
+    def forward(ctx, centred, encoder, bias, indices, values):
+        ctx.save_for_backward(centred, indices)
+        ctx.encoder_shape = encoder.shape
+        return values.to(encoder.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_values):
+        centred, indices = ctx.saved_tensors
+        n, d, f_size = ctx.encoder_shape
+        acc = torch.promote_types(grad_values.dtype, torch.float32)  # sums in float32 or wider
+        grad_values = grad_values.to(acc)
+        flat = (indices + torch.arange(n, device=indices.device).view(n, 1, 1) * f_size).reshape(-1)  # (N·B·j,)
+        grad_bias = grad_values.new_zeros(n * f_size).index_add_(0, flat, grad_values.reshape(-1))
+        rows = (grad_values.unsqueeze(-1) * centred.to(acc).unsqueeze(2)).reshape(-1, d)  # (N·B·j, d)
+        grad_encoder_t = rows.new_zeros(n * f_size, d).index_add_(0, flat, rows)  # (N·F, d)
+        return None, grad_encoder_t.view(n, f_size, d).transpose(1, 2), grad_bias.view(n, f_size), None, None
 
 
 def _kernel(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
