@@ -170,8 +170,14 @@ def train_ours(activations: torch.Tensor, specs: list[SaeSpec], tokens: int, bat
 
 
 def train_peer(library: str, arch: str, *, tokens: int, batch_size: int, d_sae: int, k: int | None, l1: float | None,
-               workdir: Path, name: str):
+               workdir: Path, name: str, reuse: bool):
+    """A peer's dictionary; with ``reuse``, a run of the same settings finished after the activations
+    were written is loaded instead of trained again (its recorded seconds are those of that run)."""
     out = workdir / "runs" / name
+    if reuse and _finished_run(out, library=library, arch=arch, tokens=tokens, batch_size=batch_size, d_sae=d_sae,
+                               k=k if arch == "topk" else None, l1=l1 if arch == "relu" else None,
+                               after=workdir / "activations.safetensors"):
+        return _load_peer(out, arch, k)
     command = [str(PEERS_VENV / "bin" / "python"), str(HERE / "quality_peers.py"), "--library", library,
                "--arch", arch, "--d-sae", str(d_sae), "--tokens", str(tokens), "--batch-size", str(batch_size),
                "--activations", str(workdir / "activations.safetensors"), "--probe", str(workdir / "probe.safetensors"),
@@ -181,6 +187,18 @@ def train_peer(library: str, arch: str, *, tokens: int, batch_size: int, d_sae: 
                                                                         "TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin"})
     if done.returncode != 0:
         raise RuntimeError(f"{library} {arch} failed:\n{done.stderr[-3000:]}")
+    return _load_peer(out, arch, k)
+
+
+def _finished_run(out: Path, *, after: Path, **settings) -> bool:
+    meta_file = out / "meta.json"
+    if not meta_file.is_file() or meta_file.stat().st_mtime < after.stat().st_mtime:
+        return False
+    meta = json.loads(meta_file.read_text())
+    return all(meta.get(key) == value for key, value in settings.items())
+
+
+def _load_peer(out: Path, arch: str, k: int | None):
     w = load_file(str(out / "weights.safetensors"))
     meta = json.loads((out / "meta.json").read_text())
     plain = Plain(arch, w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], shift=w["shift"], k=k)
@@ -201,6 +219,7 @@ class Bench:
                                      max_windows=args.heldout_windows)  # (W, 128)
         self.probe = self._probe()
         self.rows = []
+        self.peer_runs = {}  # (library, arch, setting, tokens) → row: a frontier point trained for another view is reused
 
     def _activations(self) -> torch.Tensor:
         path = self.workdir / "activations.safetensors"
@@ -240,11 +259,20 @@ class Bench:
         return row
 
     def peer(self, view, library, arch, *, tokens, k=None, l1=None):
+        setting = f"k={k}" if arch == "topk" else f"l1={l1:g}"
+        key = (library, arch, setting, tokens)
+        if key in self.peer_runs:
+            row = {**self.peer_runs[key], "view": view}
+            self.rows.append(row)
+            print(f"{view:<9} {library:<9} {arch:<5} {setting:<22} the same run as in the {self.peer_runs[key]['view']} view",
+                  flush=True)
+            return row
         plain, features, meta = train_peer(library, arch, tokens=tokens, batch_size=self.args.batch_size,
                                            d_sae=self.args.d_sae, k=k, l1=l1, workdir=self.workdir,
-                                           name=f"{view}-{library}-{arch}-{k or l1}")
-        setting = f"k={k}" if arch == "topk" else f"l1={l1:g}"
-        return self.record(view, library, arch, plain, features, tokens=tokens, seconds=meta["seconds"], setting=setting)
+                                           name=f"{library}-{arch}-{k or l1}-{tokens}", reuse=self.args.reuse_peers)
+        row = self.record(view, library, arch, plain, features, tokens=tokens, seconds=meta["seconds"], setting=setting)
+        self.peer_runs[key] = row
+        return row
 
     def ours(self, view, specs: list[SaeSpec], *, tokens):
         members, seconds = train_ours(self.activations, specs, tokens, self.args.batch_size, self.probe)
@@ -343,6 +371,9 @@ def main() -> None:
     parser.add_argument("--views", nargs="+", default=["tokens", "time", "frontier"], choices=("tokens", "time", "frontier"))
     parser.add_argument("--workdir", default=str(HERE / ".quality"))
     parser.add_argument("--json", help="also write every row to this file")
+    parser.add_argument("--reuse-peers", action="store_true",
+                        help="load a peer's finished run of the same settings from the workdir instead of training it "
+                             "again (its wall time is then that run's)")
     args = parser.parse_args()
     if args.setup_peers:
         setup_peers()

@@ -246,14 +246,18 @@ class Ensemble(nn.Module):
         if dead is not None and bool(dead.any()):
             n_dead = dead.sum(-1)  # (N,)
             k_aux = n_dead.clamp(max=self.d_in // 2)  # (N,) each member its own, as if trained alone
-            with torch.no_grad():
-                candidates = torch.where(dead.unsqueeze(1), pre, torch.full_like(pre, -torch.inf))  # only dead latents
+            with torch.no_grad():  # the dead latents' columns only: (N, D) with D the most dead in a member
+                order = dead.to(torch.int8).sort(dim=-1, descending=True, stable=True).indices[:, : int(n_dead.max())]
+                columns = order.unsqueeze(1).expand(-1, len(x), -1)  # (N, B, D)
+                candidates = pre.gather(-1, columns)  # (N, B, D)
+                candidates.masked_fill_(~dead.gather(-1, order).unsqueeze(1), -torch.inf)  # padding of fewer dead
                 aux_top = candidates.topk(int(k_aux.max()), dim=-1)  # (N, B, k_aux)
+                aux_indices = columns.gather(-1, aux_top.indices)  # feature indices
                 aux_keep = (torch.arange(aux_top.indices.shape[-1], device=x.device) < k_aux.view(-1, 1, 1)) \
                     & torch.isfinite(aux_top.values)
-            aux_acts = torch.relu(GatheredPre.apply(centred, self.encoder, bias, aux_top.indices,
-                                                    pre.gather(-1, aux_top.indices))) * aux_keep  # (N, B, k_aux)
-            predicted = _sparse_decode(aux_acts, aux_top.indices, self.W_dec)  # no bias: it predicts the residual
+            aux_acts = torch.relu(GatheredPre.apply(centred, self.encoder, bias, aux_indices,
+                                                    pre.gather(-1, aux_indices))) * aux_keep  # (N, B, k_aux)
+            predicted = _sparse_decode(aux_acts, aux_indices, self.W_dec)  # no bias: it predicts the residual
             scale = (n_dead.float() / k_aux.clamp(min=1)).clamp(max=1.0)
             aux = aux_coefficient * scale * (predicted + error.detach()).pow(2).sum((-1, -2)) / total_variance
         return {"loss": mse, "aux": aux, "mse": mse.detach(), "fvu": fvu, "l0": active.sum(-1).mean(-1),

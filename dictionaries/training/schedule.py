@@ -1,16 +1,18 @@
 """How a run's learning rate and sparsity coefficients move over its steps.
 
     lr = learning_rate(step, total_steps, base, warmup=0.05, decay=0.2)   # linear warm-up, linear decay to 0
-    base = scaled_learning_rate(d_sae)                                  # 8e-4 at 4096 features, ∝ 1/√d_sae
+    base = scaled_learning_rate(d_sae)                                  # 4e-3 at 4096 features, ∝ 1/√d_sae
     factor = sparsity_warmup(step, total_steps, 0.05)                    # the L1/L0 coefficient ramps up from 0
 
 Warm-up and decay are fractions of the run, so a run of 200 steps and one of 20,000 get
 the same shape (a fixed 50-step warm-up was a quarter of a short run).
 
-:class:`L0Controller` steers the sparsity coefficient of members that ask for a target L0:
-after every step the coefficient is multiplied by ``(measured L0 / target)^gain`` (an
-integral controller in log space, on the L0 of the batch just trained on), so a member
-that fires too often gets a stronger penalty and one that fires too little a weaker one.
+:class:`L0Controller` steers the sparsity coefficient of members that ask for a target L0,
+on the L0 of the batch just trained on: with ``e = log(L0 / target)``, after every step
+``log λ += gain·e + damping·(e − e_previous)`` (a PI controller in velocity form, in log
+space), so a member that fires too often gets a stronger penalty and one that fires too
+little a weaker one, and the damping term brakes while L0 is already moving towards the
+target (L0 follows λ with a lag of some steps; an integral term alone overshoots).
 Each member's coefficient depends on its own L0 only, so a sweep member still equals the
 same run alone.
 """
@@ -37,7 +39,7 @@ def learning_rate(step: int, total: int, base: float, warmup: float, decay: floa
     return base
 
 
-def scaled_learning_rate(d_sae: int, base: float = 8e-4) -> float:
+def scaled_learning_rate(d_sae: int, base: float = 4e-3) -> float:
     """Adam's rate for a dictionary of ``d_sae`` features: ``base`` at 4096, ∝ 1/√d_sae (as
     sparsify scales it): a wider dictionary has more decoder rows pulling on each direction."""
     return base / math.sqrt(d_sae / REFERENCE_LATENTS)
@@ -56,10 +58,11 @@ class L0Controller:
     step's factor (``e^±max_change``), so one odd batch cannot throw the coefficient far."""
 
     def __init__(self, coefficients: list[float], targets: list[float | None], *, gain: float = 0.1,
-                 max_change: float = 0.1):
+                 damping: float = 1.0, max_change: float = 0.2):
         self.coefficient = torch.tensor(coefficients, dtype=torch.float64)  # (N,)
         self.target = torch.tensor([math.nan if t is None else t for t in targets], dtype=torch.float64)  # (N,)
-        self.gain, self.max_change = gain, max_change
+        self.previous_error = torch.full_like(self.target, math.nan)  # (N,) nan: no step yet
+        self.gain, self.damping, self.max_change = gain, damping, max_change
 
     @property
     def active(self) -> bool:
@@ -70,6 +73,8 @@ class L0Controller:
         controlled = torch.isfinite(self.target)
         if not bool(controlled.any()):
             return
-        ratio = measured_l0.detach().double().cpu().clamp(min=1e-3) / self.target.nan_to_num(1.0)
-        step = (self.gain * ratio.log()).clamp(-self.max_change, self.max_change)
+        error = (measured_l0.detach().double().cpu().clamp(min=1e-3) / self.target.nan_to_num(1.0)).log()  # (N,)
+        change = self.gain * error + self.damping * (error - self.previous_error).nan_to_num(0.0)
+        step = change.clamp(-self.max_change, self.max_change)
         self.coefficient = torch.where(controlled, self.coefficient * step.exp(), self.coefficient)
+        self.previous_error = torch.where(controlled, error, self.previous_error)

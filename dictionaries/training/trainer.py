@@ -51,7 +51,7 @@ class TrainConfig:
     context_length: int = 128
     batch_size: int = 4096
     learning_rate: float | None = None
-    """Adam's rate; None: 8e-4 at 4096 features, scaled as 1/√d_sae for each size."""
+    """Adam's rate; None: 4e-3 at 4096 features, scaled as 1/√d_sae for each size."""
     warmup: float = 0.05
     """Fraction of the run over which the learning rate warms up linearly."""
     decay: float = 0.2
@@ -59,13 +59,17 @@ class TrainConfig:
     sparsity_warmup: float = 0.05
     """Fraction of the run over which the L1/L0 coefficient ramps up from 0 (relu, jumprelu)."""
     controller_gain: float = 0.1
-    """Exponent of the target-L0 controller's multiplicative update (members with target_l0)."""
+    """Integral gain of the target-L0 controller (members with target_l0); see schedule.L0Controller."""
+    controller_damping: float = 1.0
+    """Its damping (proportional) gain."""
     heldout_corpus: str | None = None
     """Corpus for the published held-out metrics; None: the training corpus's held-out split."""
     dead_window: int = 250_000
     """Tokens without firing after which a feature counts as dead."""
     resample_every: int | None = 200_000
-    """Tokens between dead-feature resamplings (relu; only in the first half of training)."""
+    """Tokens between dead-feature resamplings (only in the first half of training)."""
+    resample: tuple[str, ...] = ("relu",)
+    """Architectures whose dead features are resampled (topk also has AuxK)."""
     aux_coefficient: float = 1 / 32
     member_tokens: int = 4096
     """Work size of one stacked step: a batch is processed in slices of member_tokens / N
@@ -143,8 +147,8 @@ class Trainer:
                              self.config.decay)
 
     def _controllers(self) -> list[L0Controller]:
-        return [L0Controller([s.l1 for s in specs], [s.target_l0 for s in specs], gain=self.config.controller_gain)
-                for specs in self.groups]
+        return [L0Controller([s.l1 for s in specs], [s.target_l0 for s in specs], gain=self.config.controller_gain,
+                             damping=self.config.controller_damping) for specs in self.groups]
 
     # --- the run ------------------------------------------------------------------------------------
 
@@ -204,7 +208,7 @@ class Trainer:
                 if self.config.resample_every and tokens_seen <= self.config.tokens // 2 and \
                         tokens_seen // self.config.resample_every != (tokens_seen - len(x)) // self.config.resample_every:
                     for ensemble, optimizer, counter in zip(ensembles, optimizers, since_fired):
-                        if ensemble.architecture == "relu":
+                        if ensemble.architecture in self.config.resample:
                             dead = counter >= self.config.dead_window
                             resampled += resample_dead(ensemble, optimizer, dead, x, generator)
                             counter.masked_fill_(dead, 0)  # a resampled feature gets a new window
@@ -254,6 +258,7 @@ class Trainer:
         for g, (ensemble, optimizer, counter, controller) in enumerate(zip(ensembles, optimizers, since_fired, controllers)):
             tensors[f"g{g}.since_fired"] = counter
             tensors[f"g{g}.coefficient"] = controller.coefficient
+            tensors[f"g{g}.previous_error"] = controller.previous_error
             for name, param in ensemble.named_parameters():
                 tensors[f"g{g}.param.{name}"] = param.detach()
                 state = optimizer.state.get(param, {})
@@ -300,6 +305,7 @@ class Trainer:
             optimizers.append(optimizer)
             since_fired.append(tensors[f"g{g}.since_fired"].to(self.device))
             controllers[g].coefficient = tensors[f"g{g}.coefficient"]
+            controllers[g].previous_error = tensors[f"g{g}.previous_error"]
         generator = torch.Generator()
         generator.set_state(tensors["generator"])
         return ensembles, optimizers, since_fired, controllers, generator, meta["step"], meta["scale"]
@@ -326,8 +332,9 @@ def resample_dead(ensemble: Ensemble, optimizer: torch.optim.Optimizer, dead: to
         encoder_norm = ensemble.encoder[n][:, alive].norm(dim=0).mean() if bool(alive.any()) else torch.tensor(1.0)
         scale_dec = 1.0 if ensemble.unit_norm else float(ensemble.W_dec[n][alive].norm(dim=-1).mean()) if bool(alive.any()) else 0.1
         ensemble.W_dec[n, features] = directions * scale_dec
-        if not ensemble.tied:
-            ensemble.W_enc[n][:, features] = (directions * 0.2 * encoder_norm).T
+        if not ensemble.tied:  # a topk latent must out-rank live ones to be trained at all
+            factor = 0.5 if ensemble.architecture == "topk" else 0.2
+            ensemble.W_enc[n][:, features] = (directions * factor * encoder_norm).T
         ensemble.b_enc[n, features] = 0.0
         for param, index in ((ensemble.W_dec, (n, features)), (ensemble.b_enc, (n, features))) + \
                 (((ensemble.W_enc, (n, slice(None), features)),) if not ensemble.tied else ()):

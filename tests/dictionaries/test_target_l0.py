@@ -1,6 +1,7 @@
 """Schedules relative to the run's length, the target-L0 controller, and relu sweeps that never collapse."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -22,19 +23,24 @@ def test_schedules_are_fractions_of_the_run():
         assert rates[int(total * 0.8) - 1] == 1.0 and rates[-1] == pytest.approx(1 / (total * 0.2))
         assert all(a >= b for a, b in zip(rates[warm:], rates[warm + 1:]))  # never rises after the warm-up
         assert sparsity_warmup(0, total, 0.05) == pytest.approx(1 / warm) and sparsity_warmup(warm, total, 0.05) == 1.0
-    assert scaled_learning_rate(4096) == pytest.approx(8e-4) and scaled_learning_rate(16384) == pytest.approx(4e-4)
+    assert scaled_learning_rate(4096) == pytest.approx(4e-3) and scaled_learning_rate(16384) == pytest.approx(2e-3)
     with pytest.raises(ValueError, match="warmup"):
         TrainConfig(hook=HOOK, specs=(SaeSpec("topk", 64, k=4),), warmup=1.5)
 
 
 def test_the_controller_steers_each_member_by_its_own_l0():
-    controller = L0Controller([1.0, 1.0, 2.0], [40.0, 40.0, None], gain=0.1, max_change=0.1)
-    controller.update(torch.tensor([80.0, 20.0, 5.0]))
+    controller = L0Controller([1.0, 1.0, 2.0], [40.0, 40.0, None], gain=0.1, damping=1.0, max_change=0.2)
+    controller.update(torch.tensor([80.0, 20.0, 5.0]))  # first step: the integral term alone
     high, low, free = controller.coefficient.tolist()
     assert high == pytest.approx(2 ** 0.1) and low == pytest.approx(2 ** -0.1) and free == 2.0
-    controller.update(torch.tensor([4000.0, 40.0, 5.0]))  # one step never moves it by more than e^0.1
-    assert controller.coefficient[0] == pytest.approx(2 ** 0.1 * torch.e ** 0.1)
-    assert controller.coefficient[1] == pytest.approx(2 ** -0.1)
+    controller.update(torch.tensor([70.0, 40.0, 5.0]))  # L0 falling towards 40: the damping brakes
+    e0, e1 = math.log(80 / 40), math.log(70 / 40)
+    assert 0.1 * e1 > 0 > 0.1 * e1 + (e1 - e0) > -0.2  # the coefficient now eases off instead of rising on
+    assert controller.coefficient[0] == pytest.approx(2 ** 0.1 * math.exp(0.1 * e1 + (e1 - e0)))
+    assert controller.coefficient[1] == pytest.approx(2 ** -0.1 * math.exp(0.2))  # 20 → 40: a step of e^0.2 at most
+    before = float(controller.coefficient[0])
+    controller.update(torch.tensor([4000.0, 40.0, 5.0]))
+    assert controller.coefficient[0] == pytest.approx(before * math.exp(0.2))
 
 
 def test_target_l0_specs_and_labels():
