@@ -43,7 +43,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # the project, when run as a script
 
 from dictionaries.training.activations import ActivationSource, ActivationSpec, TensorActivations  # noqa: E402
-from dictionaries.training.ensemble import SaeSpec  # noqa: E402
+from dictionaries.training.ensemble import TARGET_START, SaeSpec  # noqa: E402
 from dictionaries.training.publish import member_dictionary  # noqa: E402
 from dictionaries.training.trainer import TrainConfig, Trainer  # noqa: E402
 from editing.corpora import open_corpus, token_windows  # noqa: E402
@@ -298,7 +298,7 @@ class Bench:
             target = saelens["l0"]
         else:
             target = a.k
-        runs["relu"].insert(0, self.ours("tokens", [SaeSpec("relu", a.d_sae, l1=1.0, target_l0=target)],
+        runs["relu"].insert(0, self.ours("tokens", [SaeSpec("relu", a.d_sae, l1=TARGET_START, target_l0=target)],
                                          tokens=tokens)[0])
         return runs
 
@@ -315,7 +315,7 @@ class Bench:
                     continue
                 if row["trainer"] == "ours":
                     spec = SaeSpec("topk", a.d_sae, k=a.k) if arch == "topk" else \
-                        SaeSpec("relu", a.d_sae, l1=1.0, target_l0=runs["relu"][-1]["l0"])
+                        SaeSpec("relu", a.d_sae, l1=TARGET_START, target_l0=runs["relu"][-1]["l0"])
                     self.ours("time", [spec], tokens=tokens)
                 else:
                     self.peer("time", row["trainer"], arch, tokens=tokens, k=a.k if arch == "topk" else None,
@@ -324,15 +324,15 @@ class Bench:
     def frontier(self) -> None:
         a, tokens = self.args, self.args.tokens
         self.ours("frontier", [SaeSpec("topk", a.d_sae, k=k) for k in a.frontier_k], tokens=tokens)
-        for lib in a.peers:
+        for lib in a.frontier_peers:
             for k in a.frontier_k:
                 self.peer("frontier", lib, "topk", tokens=tokens, k=k)
-        if "saelens" in a.peers:
+        if "saelens" in a.frontier_peers:
             saelens = [self.peer("frontier", "saelens", "relu", tokens=tokens, l1=l1) for l1 in a.frontier_l1]
             targets = [row["l0"] for row in saelens]
         else:
             targets = [16.0, 32.0, 64.0]
-        self.ours("frontier", [SaeSpec("relu", a.d_sae, l1=1.0, target_l0=t) for t in targets], tokens=tokens)
+        self.ours("frontier", [SaeSpec("relu", a.d_sae, l1=TARGET_START, target_l0=t) for t in targets], tokens=tokens)
         self.ours("frontier", [SaeSpec("relu", a.d_sae, l1=l1) for l1 in a.ours_l1], tokens=tokens)
 
 
@@ -368,6 +368,8 @@ def main() -> None:
     parser.add_argument("--ours-l1", type=float, nargs="+", default=[1.0, 2.0, 4.0])
     parser.add_argument("--heldout-windows", type=int, default=128)
     parser.add_argument("--peers", nargs="*", default=["saelens", "sparsify"], choices=("saelens", "sparsify"))
+    parser.add_argument("--frontier-peers", nargs="*", default=["saelens", "sparsify"], choices=("saelens", "sparsify"),
+                        help="peers trained for the frontier (each point a run of its own)")
     parser.add_argument("--views", nargs="+", default=["tokens", "time", "frontier"], choices=("tokens", "time", "frontier"))
     parser.add_argument("--workdir", default=str(HERE / ".quality"))
     parser.add_argument("--json", help="also write every row to this file")

@@ -33,7 +33,7 @@ def _train(args) -> int:
                   file=sys.stderr)
             return 2
         settings = {"name": args.name, "model": args.model, "hook": args.hook, "architecture": args.arch,
-                    "d_sae": _ints(args.d_sae), "l1": _floats(args.l1 or "1"), "k": _ints(args.k or "32"),
+                    "d_sae": _ints(args.d_sae), "l1": _floats(args.l1) if args.l1 else None, "k": _ints(args.k or "32"),
                     "target_l0": _floats(args.target_l0) if args.target_l0 else None,
                     "seeds": _ints(args.seeds), "tokens": args.tokens, "corpus": args.corpus,
                     "heldout_corpus": args.heldout_corpus, "batch_size": args.batch_size,
@@ -54,7 +54,7 @@ def _train(args) -> int:
             print(f"error: {' and '.join(missing)} required (or use --default)", file=sys.stderr)
             return 2
         try:
-            specs = sweep_specs(args.arch, _ints(args.d_sae), l1=_floats(args.l1 or "1"), k=_ints(args.k or "32"),
+            specs = sweep_specs(args.arch, _ints(args.d_sae), l1=_floats(args.l1) if args.l1 else None, k=_ints(args.k or "32"),
                                 seeds=_ints(args.seeds), tied=args.tied, l1_mode=args.l1_mode,
                                 target_l0=_floats(args.target_l0) if args.target_l0 else None)
             config = TrainConfig(hook=args.hook, specs=tuple(specs), tokens=args.tokens, corpus=args.corpus,
@@ -87,10 +87,11 @@ def add_commands(commands) -> None:
     train.add_argument("--hook", help="e.g. blocks.2.hook_resid_post")
     train.add_argument("--arch", choices=("relu", "topk", "jumprelu"), default="relu")
     train.add_argument("--d-sae", default="1024", help="features; comma-separated for a sweep")
-    train.add_argument("--l1", help="sparsity coefficients, comma-separated (default 1): L1 for relu, L0 for jumprelu")
+    train.add_argument("--l1", help="sparsity coefficients, comma-separated (default 1; with --target-l0 the start, "
+                                    "default 0.01): L1 for relu, L0 for jumprelu")
     train.add_argument("--k", help="topk active features, comma-separated (default 32)")
     train.add_argument("--target-l0", help="relu/jumprelu: L0s to train to, comma-separated; the coefficient is "
-                                           "steered during training, starting from the first --l1")
+                                           "steered during training, starting from the first --l1 (default 0.01)")
     train.add_argument("--seeds", default="0", help="initialisation seeds, comma-separated")
     train.add_argument("--tied", action="store_true", help="relu: tie W_enc to W_decᵀ")
     train.add_argument("--l1-mode", choices=("decoder_norm", "unit_norm"), default="decoder_norm")

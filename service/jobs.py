@@ -152,7 +152,7 @@ def run_training(job_id: str, request: dict) -> dict:
     if not jobs.start(job_id):
         return {}
     jobs.update(job_id, message="loading the model")
-    specs = sweep_specs(request["architecture"], request["d_sae"], l1=request["l1"], k=request["k"],
+    specs = sweep_specs(request["architecture"], request["d_sae"], l1=request.get("l1"), k=request["k"],
                         seeds=request["seeds"], target_l0=request.get("target_l0"))
     config = TrainConfig(hook=request["hook"], specs=tuple(specs), tokens=request["tokens"],
                          corpus=request.get("corpus", "builtin:pydocs/train"),

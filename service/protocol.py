@@ -179,11 +179,12 @@ class TrainingJobRequest(_Model):
     hook: str = Field(pattern=r"^blocks\.\d+\.hook_resid_(pre|post)$")
     architecture: Literal["relu", "topk", "jumprelu"] = "topk"
     d_sae: list[int] = Field(default_factory=lambda: [1024], min_length=1, max_length=8)
-    l1: list[float] = Field(default_factory=lambda: [1.0], min_length=1, max_length=8)
+    l1: list[float] | None = Field(default=None, min_length=1, max_length=8, description=(
+        "sparsity coefficients (default [1.0]); with target_l0 the coefficient to start from (default 0.01)"))
     k: list[int] = Field(default_factory=lambda: [32], min_length=1, max_length=8)
     target_l0: list[float] | None = Field(default=None, min_length=1, max_length=8, description=(
         "relu/jumprelu: train to these L0s (one member each); the sparsity coefficient is steered "
-        "during training, starting from l1[0]"))
+        "during training, starting from l1[0] (default 0.01)"))
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, max_length=8)
     tokens: int = Field(default=1_000_000, ge=1024, le=200_000_000)
     corpus: str = Field(default="builtin:pydocs/train", max_length=256, pattern=SERVER_CORPUS)

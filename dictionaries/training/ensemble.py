@@ -33,6 +33,9 @@ import torch
 from torch import nn
 
 ARCHITECTURES = ("relu", "topk", "jumprelu")
+TARGET_START = 0.01
+"""The coefficient a target-L0 member starts from unless one is given: weak, so L0 comes down
+to the target from above (raising a threshold is easy; nothing but reconstruction lowers one)."""
 
 
 @dataclass(frozen=True)
@@ -55,9 +58,11 @@ class SaeSpec:
     decoder_bias: bool = True
     l1_mode: str = "decoder_norm"
     """relu: weight the L1 by decoder-row norms, or keep rows at unit norm."""
-    threshold: float = 0.5
+    threshold: float = 0.1
     """jumprelu: initial threshold θ (inputs are scaled to E‖x‖² = d_in, so pre-activations
-    start with unit scale)."""
+    start with unit scale). Low, so that training starts dense and the L0 penalty raises the
+    thresholds: its straight-through gradient pushes them up well, while nothing but the
+    reconstruction pulls a too-high threshold down (a controller asking for more L0 could not)."""
     bandwidth: float = 0.05
     """jumprelu: width ε of the straight-through kernel."""
 
@@ -99,11 +104,12 @@ class SaeSpec:
         return "-".join(parts + ([f"s{self.seed}"] if self.seed else []))
 
 
-def sweep_specs(architecture: str, d_sae: list[int], *, l1: list[float] = (1.0,), k: list[int] = (32,),
+def sweep_specs(architecture: str, d_sae: list[int], *, l1: list[float] | None = None, k: list[int] = (32,),
                 seeds: list[int] = (0,), tied: bool = False, l1_mode: str = "decoder_norm",
                 target_l0: list[float] | None = None) -> list[SaeSpec]:
     """Every combination of a sweep: sizes × seeds × (k values for topk; L1/L0 coefficients, or
-    target L0s, for relu and jumprelu). With targets, each member starts from the first ``l1``."""
+    target L0s, for relu and jumprelu; ``l1`` defaults to 1). With targets, each member starts from
+    the first ``l1``, or from :data:`TARGET_START`."""
     if target_l0 and architecture == "topk":
         raise ValueError("target_l0 is for relu and jumprelu; a topk dictionary's L0 is its k")
     specs = []
@@ -113,10 +119,11 @@ def sweep_specs(architecture: str, d_sae: list[int], *, l1: list[float] = (1.0,)
             continue
         layout = dict(l1_mode=l1_mode) if architecture == "relu" else {}  # tied: SaeSpec refuses it for jumprelu
         if target_l0:
-            specs += [SaeSpec(architecture, size, l1=l1[0], target_l0=target, seed=seed, tied=tied, **layout)
+            start = l1[0] if l1 else TARGET_START
+            specs += [SaeSpec(architecture, size, l1=start, target_l0=target, seed=seed, tied=tied, **layout)
                       for target in target_l0]
         else:
-            specs += [SaeSpec(architecture, size, l1=value, seed=seed, tied=tied, **layout) for value in l1]
+            specs += [SaeSpec(architecture, size, l1=value, seed=seed, tied=tied, **layout) for value in l1 or (1.0,)]
     return specs
 
 

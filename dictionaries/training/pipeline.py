@@ -39,7 +39,7 @@ HELDOUT_WINDOWS = 256  # 32k tokens of 128
 def default_config() -> TrainConfig:
     """The default pythia-tiny dictionary: topk, 1024 features on layer 2's output."""
     return TrainConfig(hook="blocks.2.hook_resid_post", specs=(SaeSpec("topk", 1024, k=24),),
-                       tokens=1_200_000, batch_size=2048, learning_rate=2e-3, seed=0)
+                       tokens=1_200_000, batch_size=2048, seed=0, heldout_corpus="builtin:pydocs/heldout")
 
 
 def member_names(name: str, specs: list[SaeSpec]) -> list[str]:

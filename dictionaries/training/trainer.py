@@ -67,9 +67,7 @@ class TrainConfig:
     dead_window: int = 250_000
     """Tokens without firing after which a feature counts as dead."""
     resample_every: int | None = 200_000
-    """Tokens between dead-feature resamplings (only in the first half of training)."""
-    resample: tuple[str, ...] = ("relu",)
-    """Architectures whose dead features are resampled (topk also has AuxK)."""
+    """Tokens between dead-feature resamplings (relu; only in the first half of training)."""
     aux_coefficient: float = 1 / 32
     member_tokens: int = 4096
     """Work size of one stacked step: a batch is processed in slices of member_tokens / N
@@ -208,7 +206,7 @@ class Trainer:
                 if self.config.resample_every and tokens_seen <= self.config.tokens // 2 and \
                         tokens_seen // self.config.resample_every != (tokens_seen - len(x)) // self.config.resample_every:
                     for ensemble, optimizer, counter in zip(ensembles, optimizers, since_fired):
-                        if ensemble.architecture in self.config.resample:
+                        if ensemble.architecture == "relu":
                             dead = counter >= self.config.dead_window
                             resampled += resample_dead(ensemble, optimizer, dead, x, generator)
                             counter.masked_fill_(dead, 0)  # a resampled feature gets a new window
@@ -332,9 +330,8 @@ def resample_dead(ensemble: Ensemble, optimizer: torch.optim.Optimizer, dead: to
         encoder_norm = ensemble.encoder[n][:, alive].norm(dim=0).mean() if bool(alive.any()) else torch.tensor(1.0)
         scale_dec = 1.0 if ensemble.unit_norm else float(ensemble.W_dec[n][alive].norm(dim=-1).mean()) if bool(alive.any()) else 0.1
         ensemble.W_dec[n, features] = directions * scale_dec
-        if not ensemble.tied:  # a topk latent must out-rank live ones to be trained at all
-            factor = 0.5 if ensemble.architecture == "topk" else 0.2
-            ensemble.W_enc[n][:, features] = (directions * factor * encoder_norm).T
+        if not ensemble.tied:
+            ensemble.W_enc[n][:, features] = (directions * 0.2 * encoder_norm).T
         ensemble.b_enc[n, features] = 0.0
         for param, index in ((ensemble.W_dec, (n, features)), (ensemble.b_enc, (n, features))) + \
                 (((ensemble.W_enc, (n, slice(None), features)),) if not ensemble.tied else ()):

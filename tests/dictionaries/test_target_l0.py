@@ -56,7 +56,7 @@ def test_target_l0_specs_and_labels():
 def test_runs_asked_for_l0_40_end_within_ten_percent(pythia_tiny, tmp_path):
     """relu and jumprelu, one short pythia-tiny run: the held-out L0 of each lands within ±10% of 40,
     and the coefficient the controller ended on is in the provenance."""
-    specs = (SaeSpec("relu", 1024, l1=1.0, target_l0=40), SaeSpec("jumprelu", 1024, l1=1.0, target_l0=40))
+    specs = tuple(sweep_specs("relu", [256], target_l0=[40]) + sweep_specs("jumprelu", [256], target_l0=[40]))
     config = TrainConfig(hook=HOOK, specs=specs, tokens=409_600, batch_size=2048)
     store = DictionaryStore(tmp_path / "store")
     published = train_and_publish(pythia_tiny, config, name="target", store=store, run_dir=tmp_path / "run",
@@ -75,7 +75,7 @@ def test_a_relu_sweep_over_a_fourfold_range_never_collapses(pythia_tiny, tmp_pat
     """Coefficients 4× apart in one run: L0 falls monotonically with the coefficient and no member
     loses the input (held-out FVU ≤ 0.9)."""
     coefficients = (3.0, 6.0, 12.0)
-    specs = tuple(SaeSpec("relu", 1024, l1=l1) for l1 in coefficients)
+    specs = tuple(SaeSpec("relu", 256, l1=l1) for l1 in coefficients)
     config = TrainConfig(hook=HOOK, specs=specs, tokens=409_600, batch_size=2048)
     published = train_and_publish(pythia_tiny, config, name="sweep", store=DictionaryStore(tmp_path / "store"),
                                   run_dir=tmp_path / "run", progress=False, heldout_windows_count=64, feature_windows=2)
