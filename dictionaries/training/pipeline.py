@@ -37,9 +37,12 @@ HELDOUT_WINDOWS = 256  # 32k tokens of 128
 
 
 def default_config() -> TrainConfig:
-    """The default pythia-tiny dictionary: topk, 1024 features on layer 2's output."""
+    """The default pythia-tiny dictionary: topk, 1024 features on layer 2's output. Its rate is
+    set, not scaled: the scaled 8e-3 reached fvu 0.049 but left 15.7% of the features dead on
+    32k held-out tokens, over the 10% this dictionary must stay under; 2e-3 keeps them alive."""
     return TrainConfig(hook="blocks.2.hook_resid_post", specs=(SaeSpec("topk", 1024, k=24),),
-                       tokens=1_200_000, batch_size=2048, seed=0, heldout_corpus="builtin:pydocs/heldout")
+                       tokens=1_200_000, batch_size=2048, learning_rate=2e-3, seed=0,
+                       heldout_corpus="builtin:pydocs/heldout")
 
 
 def member_names(name: str, specs: list[SaeSpec]) -> list[str]:
