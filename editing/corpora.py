@@ -14,6 +14,9 @@ A corpus is named by a *spec* string:
 Any spec may end in ``#train`` or ``#heldout`` to take the same deterministic split
 that ``builtin:pydocs`` uses: a document is held out when the SHA-256 of its id falls
 in the held-out tenth, so the split never depends on order, machine or Python hash seed.
+A corpus of a single document (one ``.txt`` file, say) cannot be split by documents: its
+text is split instead, the last tenth (cut at a line break, else a space) held out, so
+both halves hold consecutive text and never overlap.
 
 ``builtin:pydocs`` reads ``pydoc_data/topics.py`` and the docstrings of the stdlib's
 ``.py`` files with :mod:`ast`; nothing is imported. Paths are walked in sorted order and
@@ -59,6 +62,21 @@ def split_of(doc_id: str) -> str:
     return "heldout" if digest[0] % 10 < HELDOUT_TENTHS else "train"
 
 
+def split_document(doc: Document, split: str) -> Document:
+    """The ``split`` part of a lone document: its last tenth of text is held out, cut at a line
+    break shortly before that point (else a space, else exactly there)."""
+    text = doc.text
+    point = len(text) - len(text) // 10
+    earliest = point - len(text) // 50  # move the cut back by at most 2% of the text
+    cut = text.rfind("\n", earliest, point)
+    if cut < 0:
+        cut = text.rfind(" ", earliest, point)
+    if cut < 0:
+        cut = point
+    part = text[:cut] if split == "train" else text[cut:]
+    return Document(f"{doc.id}#{split}", part)
+
+
 @dataclass(frozen=True)
 class Corpus:
     """A named, re-iterable stream of documents."""
@@ -68,8 +86,19 @@ class Corpus:
     split: str | None = None  # None: every document
 
     def documents(self) -> Iterator[Document]:
-        for doc in self._reader():
-            if doc.text.strip() and (self.split is None or split_of(doc.id) == self.split):
+        docs = (doc for doc in self._reader() if doc.text.strip())
+        if self.split is None:
+            yield from docs
+            return
+        first, second = next(docs, None), next(docs, None)
+        if first is not None and second is None:  # one document: split its text
+            yield split_document(first, self.split)
+            return
+        for doc in (d for d in (first, second) if d is not None):
+            if split_of(doc.id) == self.split:
+                yield doc
+        for doc in docs:
+            if split_of(doc.id) == self.split:
                 yield doc
 
     def __iter__(self) -> Iterator[Document]:

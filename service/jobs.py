@@ -225,10 +225,12 @@ def run_training(job_id: str, request: dict) -> dict:
     if not jobs.start(job_id):
         return {}
     jobs.progress(job_id, 0.0, "loading the model")
-    specs = sweep_specs(request["architecture"], request["d_sae"], l1=request["l1"], k=request["k"],
-                        seeds=request["seeds"])
+    specs = sweep_specs(request["architecture"], request["d_sae"], l1=request.get("l1"), k=request["k"],
+                        seeds=request["seeds"], target_l0=request.get("target_l0"))
     config = TrainConfig(hook=request["hook"], specs=tuple(specs), tokens=request["tokens"],
-                         batch_size=request["batch_size"], learning_rate=request["learning_rate"],
+                         corpus=request.get("corpus", "builtin:pydocs/train"),
+                         heldout_corpus=request.get("heldout_corpus"),
+                         batch_size=request["batch_size"], learning_rate=request.get("learning_rate"),
                          context_length=request["context_length"], seed=request["seed"],
                          dtype=request.get("dtype", "auto"))
     loaded = load_model(request["model"], progress=False)

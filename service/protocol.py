@@ -13,13 +13,16 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from editing.edits import EditSpec
 
 MAX_PROMPT_CHARS = 20_000
 MAX_COMPLETION_PROMPTS = 64  # prompts in one /v1/completions request (each is its own choice)
 MAX_WIRE_LOGPROBS = 20  # the wire's bound on `logprobs`; the server's configured cap (Limits.max_logprobs) is lower
+SERVER_CORPUS = r"^(builtin:pydocs(/train|/heldout)?|hf:[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)?(@[A-Za-z0-9_.-]+)?)(#(train|heldout))?$"
+"""Corpora a training job may name: the built-in one, or a ``datasets`` dataset by hub name
+already on the server; never a server file-system path."""
 
 
 class ApiError(Exception):
@@ -313,12 +316,19 @@ class TrainingJobRequest(_Model):
     hook: str = Field(pattern=r"^blocks\.\d+\.hook_resid_(pre|post)$")
     architecture: Literal["relu", "topk", "jumprelu"] = "topk"
     d_sae: list[int] = Field(default_factory=lambda: [1024], min_length=1, max_length=8)
-    l1: list[float] = Field(default_factory=lambda: [1.0], min_length=1, max_length=8)
+    l1: list[float] | None = Field(default=None, min_length=1, max_length=8, description=(
+        "sparsity coefficients (default [1.0]); with target_l0 the coefficient to start from (default 0.01)"))
     k: list[int] = Field(default_factory=lambda: [32], min_length=1, max_length=8)
+    target_l0: list[float] | None = Field(default=None, min_length=1, max_length=8, description=(
+        "relu/jumprelu: train to these L0s (one member each); the sparsity coefficient is steered "
+        "during training, starting from l1[0] (default 0.01)"))
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, max_length=8)
     tokens: int = Field(default=1_000_000, ge=1024, le=200_000_000)
+    corpus: str = Field(default="builtin:pydocs/train", max_length=256, pattern=SERVER_CORPUS)
+    heldout_corpus: str | None = Field(default=None, max_length=256, pattern=SERVER_CORPUS, description=(
+        "corpus for the held-out metrics; default: the training corpus's held-out split"))
     batch_size: int = Field(default=2048, ge=64, le=65536)
-    learning_rate: float = Field(default=2e-3, gt=0, le=1)
+    learning_rate: float | None = Field(default=None, gt=0, le=1, description="default: scaled with d_sae")
     context_length: int = Field(default=128, ge=8, le=2048)
     seed: int = Field(default=0, ge=0)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -332,6 +342,16 @@ class TrainingJobRequest(_Model):
             raise ValueError("each d_sae must be in [16, 262144]")
         return value
 
+    @field_validator("target_l0")
+    @classmethod
+    def _targets(cls, value, info: ValidationInfo):
+        if value is None:
+            return value
+        if info.data.get("architecture") == "topk":
+            raise ValueError("target_l0 is for relu and jumprelu; a topk dictionary's L0 is its k")
+        if any(not target > 0 for target in value):
+            raise ValueError("each target_l0 must be positive")
+        return value
 
 # --- the browser page's additions: who am I, feature search ------------------------------------------
 

@@ -189,6 +189,26 @@ class ActivationSource:
         yield from emit(rest)
 
 
+class TensorActivations:
+    """Activations already at hand, ``(n_tokens, d_in)``, served as a run's batches: batch ``i``
+    is rows ``[i·B, (i+1)·B)`` taken modulo ``n_tokens`` (the tensor is cycled, in its own order),
+    so several trainers fed the same tensor see the same batches. ``tokens`` bounds the run."""
+
+    def __init__(self, activations: torch.Tensor, tokens: int):
+        if activations.ndim != 2 or not len(activations):
+            raise ValueError("activations must be a non-empty (n_tokens, d_in) tensor")
+        self.activations = activations
+        self.tokens = tokens
+        self.d_in = activations.shape[1]
+
+    def batches(self, batch_size: int, *, skip: int = 0) -> Iterator[torch.Tensor]:
+        n = len(self.activations)
+        for start in range(skip * batch_size, self.tokens, batch_size):
+            size = min(batch_size, self.tokens - start)
+            rows = torch.arange(start, start + size) % n
+            yield self.activations[rows].float()
+
+
 def _fixed_blocks(chunks: Iterator[torch.Tensor], size: int) -> Iterator[torch.Tensor]:
     """Re-cut a stream of ``(n, d)`` chunks into blocks of ``size`` rows (the last may be short)."""
     pending: list[torch.Tensor] = []

@@ -33,6 +33,9 @@ import torch
 from torch import nn
 
 ARCHITECTURES = ("relu", "topk", "jumprelu")
+TARGET_START = 0.01
+"""The coefficient a target-L0 member starts from unless one is given: weak, so L0 comes down
+to the target from above (raising a threshold is easy; nothing but reconstruction lowers one)."""
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,10 @@ class SaeSpec:
     architecture: str = "relu"
     d_sae: int = 1024
     l1: float = 0.0
-    """Sparsity coefficient λ: of the L1 penalty (relu) or the L0 penalty (jumprelu)."""
+    """Sparsity coefficient λ: of the L1 penalty (relu) or the L0 penalty (jumprelu); with
+    ``target_l0``, the coefficient the controller starts from."""
+    target_l0: float | None = None
+    """relu, jumprelu: steer λ during training so that a token fires about this many features."""
     k: int | None = None
     """Active latents a token (topk)."""
     seed: int = 0
@@ -52,9 +58,11 @@ class SaeSpec:
     decoder_bias: bool = True
     l1_mode: str = "decoder_norm"
     """relu: weight the L1 by decoder-row norms, or keep rows at unit norm."""
-    threshold: float = 0.5
+    threshold: float = 0.1
     """jumprelu: initial threshold θ (inputs are scaled to E‖x‖² = d_in, so pre-activations
-    start with unit scale)."""
+    start with unit scale). Low, so that training starts dense and the L0 penalty raises the
+    thresholds: its straight-through gradient pushes them up well, while nothing but the
+    reconstruction pulls a too-high threshold down (a controller asking for more L0 could not)."""
     bandwidth: float = 0.05
     """jumprelu: width ε of the straight-through kernel."""
 
@@ -71,6 +79,13 @@ class SaeSpec:
             raise ValueError("l1_mode must be 'decoder_norm' or 'unit_norm'")
         if self.tied and self.architecture != "relu":
             raise ValueError("tied weights are for relu dictionaries")
+        if self.target_l0 is not None:
+            if self.architecture == "topk":
+                raise ValueError("target_l0 is for relu and jumprelu; a topk dictionary's L0 is its k")
+            if not 0 < self.target_l0 < self.d_sae:
+                raise ValueError(f"target_l0 must be in (0, d_sae={self.d_sae}), got {self.target_l0}")
+            if not self.l1 > 0:
+                raise ValueError("with target_l0, l1 is the starting coefficient and must be positive")
 
     @property
     def unit_norm_decoder(self) -> bool:
@@ -82,20 +97,33 @@ class SaeSpec:
 
     def label(self) -> str:
         parts = [self.architecture, f"f{self.d_sae}"]
-        parts.append({"topk": f"k{self.k}", "jumprelu": f"l0-{self.l1:g}"}.get(self.architecture, f"l1-{self.l1:g}"))
+        if self.target_l0 is not None:
+            parts.append(f"target{self.target_l0:g}")
+        else:
+            parts.append({"topk": f"k{self.k}", "jumprelu": f"l0-{self.l1:g}"}.get(self.architecture, f"l1-{self.l1:g}"))
         return "-".join(parts + ([f"s{self.seed}"] if self.seed else []))
 
 
-def sweep_specs(architecture: str, d_sae: list[int], *, l1: list[float] = (1.0,), k: list[int] = (32,),
-                seeds: list[int] = (0,), tied: bool = False, l1_mode: str = "decoder_norm") -> list[SaeSpec]:
-    """Every combination of a sweep: sizes × seeds × (k values for topk, L1 coefficients for relu)."""
+def sweep_specs(architecture: str, d_sae: list[int], *, l1: list[float] | None = None, k: list[int] = (32,),
+                seeds: list[int] = (0,), tied: bool = False, l1_mode: str = "decoder_norm",
+                target_l0: list[float] | None = None) -> list[SaeSpec]:
+    """Every combination of a sweep: sizes × seeds × (k values for topk; L1/L0 coefficients, or
+    target L0s, for relu and jumprelu; ``l1`` defaults to 1). With targets, each member starts from
+    the first ``l1``, or from :data:`TARGET_START`."""
+    if target_l0 and architecture == "topk":
+        raise ValueError("target_l0 is for relu and jumprelu; a topk dictionary's L0 is its k")
     specs = []
     for size, seed in itertools.product(d_sae, seeds):
         if architecture == "topk":
             specs += [SaeSpec("topk", size, k=value, seed=seed) for value in k]
+            continue
+        layout = dict(l1_mode=l1_mode) if architecture == "relu" else {}  # tied: SaeSpec refuses it for jumprelu
+        if target_l0:
+            start = l1[0] if l1 else TARGET_START
+            specs += [SaeSpec(architecture, size, l1=start, target_l0=target, seed=seed, tied=tied, **layout)
+                      for target in target_l0]
         else:
-            layout = dict(l1_mode=l1_mode) if architecture == "relu" else {}  # tied: SaeSpec refuses it for jumprelu
-            specs += [SaeSpec(architecture, size, l1=value, seed=seed, tied=tied, **layout) for value in l1]
+            specs += [SaeSpec(architecture, size, l1=value, seed=seed, tied=tied, **layout) for value in l1 or (1.0,)]
     return specs
 
 
@@ -161,9 +189,10 @@ class Ensemble(nn.Module):
         ``total_variance`` is Σ‖x − μ‖² of the whole batch when ``x`` is a slice of it.
 
         relu members use :class:`ReluLoss`, a forward and hand-written backward that touch
-        the ``(N, B, F)`` activations a few times instead of autograd's dozen;
-        ``reference=True`` computes the same losses with plain autograd (the tests compare
-        the two). ``dtype`` is the matmuls' dtype in the fused path (bfloat16 on CUDA);
+        the ``(N, B, F)`` activations a few times instead of autograd's dozen; topk members
+        use :meth:`_topk_losses`, where only the one encoder matmul is dense;
+        ``reference=True`` computes the same losses with plain dense autograd (the tests compare
+        them). ``dtype`` is the matmuls' dtype in the fused path (bfloat16 on CUDA);
         ``cast`` is :meth:`matmul_weights` for it, when one step runs several slices."""
         if total_variance is None:
             total_variance = (x - x.mean(0)).pow(2).sum()
@@ -175,6 +204,8 @@ class Ensemble(nn.Module):
             mse = squared / (len(x) * self.d_in)
             return {"loss": loss, "aux": torch.zeros_like(loss), "mse": mse, "fvu": squared / total_variance,
                     "l0": active / len(x), "fired": totals > 0}
+        if self.architecture == "topk" and not reference:
+            return self._topk_losses(x, dead, aux_coefficient, total_variance)
         pre, f = self.encode(x)
         reconstruction = self.decode(f)
         error = reconstruction - x.unsqueeze(0)  # (N, B, d)
@@ -195,6 +226,49 @@ class Ensemble(nn.Module):
         active = f.detach().sign()  # f >= 0: 1 where a latent fires (cheaper than f > 0 on CPUs)
         return {"loss": mse + sparsity, "aux": aux, "mse": mse.detach(), "fvu": fvu,
                 "l0": active.sum(-1).mean(-1), "fired": active.sum(1) > 0}
+
+    def _topk_losses(self, x, dead, aux_coefficient, total_variance) -> dict:
+        """topk losses with sparse gradients: the pre-activations are one dense matmul without
+        autograd; only the selected ones (k a token, and AuxK's dead latents) are gathered back
+        into the graph (:class:`GatheredPre`, gradients by ``index_add``), and decoding is an
+        ``embedding_bag`` over the selected decoder rows. Same values and gradients as the
+        dense formula, a fraction of its matmuls."""
+        n, f_size = len(self.specs), self.d_sae
+        with torch.no_grad():
+            centred = x.unsqueeze(0) - self.b_dec.unsqueeze(1)  # (N, B, d)
+            pre = torch.baddbmm(self.b_enc.unsqueeze(1), centred.to(self.encoder.dtype), self.encoder)  # (N, B, F)
+            top = pre.topk(int(self.k.max()), dim=-1)  # (N, B, k_max)
+        # b_dec enters the encoder as −b_dec·W_enc, a per-feature bias: its gradient comes from b_enc's
+        bias = self.b_enc - torch.bmm((self.b_dec - self.b_dec.detach()).unsqueeze(1), self.encoder).squeeze(1)  # (N, F)
+        keep = torch.arange(top.indices.shape[-1], device=x.device) < self.k.view(-1, 1, 1)  # member n keeps k_n
+        acts = torch.relu(GatheredPre.apply(centred, self.encoder, bias, top.indices, top.values)) * keep  # (N, B, k)
+        reconstruction = _sparse_decode(acts, top.indices, self.W_dec) + self.b_dec.unsqueeze(1)  # (N, B, d)
+        error = reconstruction - x.unsqueeze(0)  # (N, B, d)
+        mse = error.pow(2).sum(-1).mean(-1) / self.d_in  # (N,)
+        fvu = error.detach().pow(2).sum((-1, -2)) / total_variance  # (N,)
+        active = (acts.detach() > 0).to(pre.dtype)  # (N, B, k)
+        fired = torch.zeros(n, f_size, device=x.device, dtype=pre.dtype).scatter_add_(
+            1, top.indices.view(n, -1), active.view(n, -1)) > 0  # (N, F)
+        aux = torch.zeros_like(mse)
+        if dead is not None and bool(dead.any()):
+            n_dead = dead.sum(-1)  # (N,)
+            k_aux = n_dead.clamp(max=self.d_in // 2)  # (N,) each member its own, as if trained alone
+            with torch.no_grad():  # the dead latents' columns only: (N, D) with D the most dead in a member
+                order = dead.to(torch.int8).sort(dim=-1, descending=True, stable=True).indices[:, : int(n_dead.max())]
+                columns = order.unsqueeze(1).expand(-1, len(x), -1)  # (N, B, D)
+                candidates = pre.gather(-1, columns)  # (N, B, D)
+                candidates.masked_fill_(~dead.gather(-1, order).unsqueeze(1), -torch.inf)  # padding of fewer dead
+                aux_top = candidates.topk(int(k_aux.max()), dim=-1)  # (N, B, k_aux)
+                aux_indices = columns.gather(-1, aux_top.indices)  # feature indices
+                aux_keep = (torch.arange(aux_top.indices.shape[-1], device=x.device) < k_aux.view(-1, 1, 1)) \
+                    & torch.isfinite(aux_top.values)
+            aux_acts = torch.relu(GatheredPre.apply(centred, self.encoder, bias, aux_indices,
+                                                    pre.gather(-1, aux_indices))) * aux_keep  # (N, B, k_aux)
+            predicted = _sparse_decode(aux_acts, aux_indices, self.W_dec)  # no bias: it predicts the residual
+            scale = (n_dead.float() / k_aux.clamp(min=1)).clamp(max=1.0)
+            aux = aux_coefficient * scale * (predicted + error.detach()).pow(2).sum((-1, -2)) / total_variance
+        return {"loss": mse, "aux": aux, "mse": mse.detach(), "fvu": fvu, "l0": active.sum(-1).mean(-1),
+                "fired": fired}
 
     @torch.no_grad()
     def matmul_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,7 +331,7 @@ class ReluLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_enc, w_dec, b_enc, b_dec, l1, weighted: bool, dtype: torch.dtype, enc, dec):
-        n, (b, d) = w_dec.shape[0], x.shape
+        b, d = x.shape
         tied, acc = w_enc is None, torch.promote_types(dtype, torch.float32)  # sums in float32 or wider
         encoder = w_dec.transpose(1, 2) if tied else w_enc  # (N, d, F); enc, dec: it and w_dec in dtype
         centred = (x.unsqueeze(0) - b_dec.unsqueeze(1)).to(dtype)  # (N, B, d)
@@ -300,6 +374,41 @@ class ReluLoss(torch.autograd.Function):
             grad_w_dec += grad_enc.transpose(1, 2)
             grad_enc = None
         return None, grad_enc, grad_w_dec, grad_b_enc, grad_b_dec, None, None, None, None, None
+
+
+def _sparse_decode(acts: torch.Tensor, indices: torch.Tensor, w_dec: torch.Tensor) -> torch.Tensor:
+    """``Σ_j acts[n, b, j] · W_dec[n, indices[n, b, j]]`` → ``(N, B, d)``: one ``embedding_bag``
+    over the members' stacked decoder rows."""
+    n, b, k = acts.shape
+    f_size, d = w_dec.shape[1:]
+    rows = (indices + torch.arange(n, device=indices.device).view(n, 1, 1) * f_size).view(n * b, k)
+    out = torch.nn.functional.embedding_bag(rows, w_dec.reshape(n * f_size, d), mode="sum",
+                                            per_sample_weights=acts.reshape(n * b, k).to(w_dec.dtype))
+    return out.view(n, b, d)
+
+
+class GatheredPre(torch.autograd.Function):
+    """The pre-activations ``centred · W_enc + bias`` at ``indices (N, B, j)``, their values
+    computed already (``values``); the gradient goes to ``W_enc`` and ``bias`` only at those
+    columns, by ``index_add`` (``centred`` carries none: b_dec's part is in ``bias``)."""
+
+    @staticmethod
+    def forward(ctx, centred, encoder, bias, indices, values):
+        ctx.save_for_backward(centred, indices)
+        ctx.encoder_shape = encoder.shape
+        return values.to(encoder.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_values):
+        centred, indices = ctx.saved_tensors
+        n, d, f_size = ctx.encoder_shape
+        acc = torch.promote_types(grad_values.dtype, torch.float32)  # sums in float32 or wider
+        grad_values = grad_values.to(acc)
+        flat = (indices + torch.arange(n, device=indices.device).view(n, 1, 1) * f_size).reshape(-1)  # (N·B·j,)
+        grad_bias = grad_values.new_zeros(n * f_size).index_add_(0, flat, grad_values.reshape(-1))
+        rows = (grad_values.unsqueeze(-1) * centred.to(acc).unsqueeze(2)).reshape(-1, d)  # (N·B·j, d)
+        grad_encoder_t = rows.new_zeros(n * f_size, d).index_add_(0, flat, rows)  # (N·F, d)
+        return None, grad_encoder_t.view(n, f_size, d).transpose(1, 2), grad_bias.view(n, f_size), None, None
 
 
 def _kernel(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:

@@ -5,17 +5,21 @@
     result = Trainer(loaded, config, run_dir).run()
 
 Members of one architecture and size form one stacked :class:`Ensemble`; all ensembles
-consume the same batches. Adam with linear warm-up (and a linear decay over the last fifth);
-dead features are those that did not fire in the last ``dead_window`` tokens; ``relu``
+consume the same batches. Adam with a linear warm-up and a final linear decay, both fractions
+of the run, at a rate that scales as 1/√d_sae unless one is given; the sparsity coefficient
+(relu, jumprelu) warms up from 0 too, and members with a ``target_l0`` have it steered by an
+:class:`~dictionaries.training.schedule.L0Controller`. Dead features are those that did not fire in the last ``dead_window`` tokens; ``relu``
 members have them resampled (encoder and decoder re-initialised towards badly
 reconstructed inputs, their Adam state reset) every ``resample_every`` tokens during the
 first half of training; ``topk`` members revive them through the AuxK loss. With
 ``dtype="bfloat16"`` (the default on CUDA) the matmuls run in bfloat16 (autocast, or the
 fused relu loss's own casts); weights, Adam state and sums stay float32.
 
-A checkpoint (weights, Adam state, dead counters, the resampling RNG and the data position)
-is written every ``checkpoint_every`` tokens as safetensors + JSON, atomically; ``resume``
-continues from it and ends with the same weights as an uninterrupted run.
+A checkpoint (weights, Adam state, dead counters, sparsity coefficients, the resampling RNG
+and the data position) is written every ``checkpoint_every`` tokens and at the end of the
+run as safetensors + JSON, atomically; ``resume`` continues from it and ends with the same
+weights as an uninterrupted run; resuming a finished run trains nothing and returns its
+weights (so publishing can be retried without training again).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from safetensors.torch import load_file, save_file
 
 from dictionaries.training.activations import ActivationSource, ActivationSpec
 from dictionaries.training.ensemble import Ensemble, SaeSpec
+from dictionaries.training.schedule import L0Controller, learning_rate, scaled_learning_rate, sparsity_warmup
 
 
 @dataclass(frozen=True)
@@ -45,8 +50,20 @@ class TrainConfig:
     corpus: str = "builtin:pydocs/train"
     context_length: int = 128
     batch_size: int = 4096
-    learning_rate: float = 1e-3
-    warmup_steps: int = 50
+    learning_rate: float | None = None
+    """Adam's rate; None: 4e-3 at 4096 features, scaled as 1/√d_sae for each size."""
+    warmup: float = 0.05
+    """Fraction of the run over which the learning rate warms up linearly."""
+    decay: float = 0.2
+    """Final fraction of the run over which the learning rate decays linearly to 0."""
+    sparsity_warmup: float = 0.05
+    """Fraction of the run over which the L1/L0 coefficient ramps up from 0 (relu, jumprelu)."""
+    controller_gain: float = 0.1
+    """Integral gain of the target-L0 controller (members with target_l0); see schedule.L0Controller."""
+    controller_damping: float = 1.0
+    """Its damping (proportional) gain."""
+    heldout_corpus: str | None = None
+    """Corpus for the published held-out metrics; None: the training corpus's held-out split."""
     dead_window: int = 250_000
     """Tokens without firing after which a feature counts as dead."""
     resample_every: int | None = 200_000
@@ -73,6 +90,13 @@ class TrainConfig:
             raise ValueError("tokens must be at least one batch")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        for name in ("warmup", "decay", "sparsity_warmup"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} is a fraction of the run, in [0, 1]; got {getattr(self, name)}")
+        if self.warmup + self.decay > 1:
+            raise ValueError("warmup + decay must not exceed the whole run")
 
 
 @dataclass
@@ -83,16 +107,21 @@ class TrainResult:
     """Input scale: activations were multiplied by it (E‖x‖² = d_in)."""
     tokens_seen: int
     dead: list[torch.Tensor] = field(default_factory=list)  # (N, F) bool per ensemble
+    coefficients: list[torch.Tensor] = field(default_factory=list)
+    """(N,) per ensemble: each member's final sparsity coefficient (the controller's, for a target_l0)."""
     log: list[dict] = field(default_factory=list)
 
 
 class Trainer:
-    def __init__(self, loaded, config: TrainConfig, run_dir: Path | str):
+    """``source``: activations to train on instead of running ``loaded`` (anything with ``d_in``
+    and ``batches(batch_size, skip=)``, e.g. :class:`TensorActivations`); ``loaded`` may then be None."""
+
+    def __init__(self, loaded, config: TrainConfig, run_dir: Path | str, *, source=None):
         self.loaded = loaded
         self.config = config
         self.run_dir = Path(run_dir)
-        self.device = next(loaded.model.parameters()).device
-        self.source = ActivationSource(loaded, ActivationSpec(
+        self.device = next(loaded.model.parameters()).device if loaded is not None else torch.device("cpu")
+        self.source = source or ActivationSource(loaded, ActivationSpec(
             hook=config.hook, tokens=config.tokens, corpus=config.corpus, context_length=config.context_length,
             seed=config.seed), cache=config.cache)
         self.d_in = self.source.d_in
@@ -108,14 +137,16 @@ class Trainer:
     def total_steps(self) -> int:
         return math.ceil(self.config.tokens / self.config.batch_size)
 
-    def learning_rate(self, step: int) -> float:
-        total, warmup = self.total_steps(), self.config.warmup_steps
-        if step < warmup:
-            return self.config.learning_rate * (step + 1) / warmup
-        decay_start = int(total * 0.8)
-        if step >= decay_start:
-            return self.config.learning_rate * max(0.0, (total - step) / max(1, total - decay_start))
-        return self.config.learning_rate
+    def base_learning_rate(self, d_sae: int) -> float:
+        return self.config.learning_rate or scaled_learning_rate(d_sae)
+
+    def learning_rate(self, step: int, d_sae: int) -> float:
+        return learning_rate(step, self.total_steps(), self.base_learning_rate(d_sae), self.config.warmup,
+                             self.config.decay)
+
+    def _controllers(self) -> list[L0Controller]:
+        return [L0Controller([s.l1 for s in specs], [s.target_l0 for s in specs], gain=self.config.controller_gain,
+                             damping=self.config.controller_damping) for specs in self.groups]
 
     # --- the run ------------------------------------------------------------------------------------
 
@@ -129,14 +160,15 @@ class Trainer:
             scale = float((self.d_in / first.pow(2).sum(-1).mean()).sqrt())
             ensembles = [Ensemble(specs, self.d_in, b_dec_init=(first * scale).mean(0).cpu()).to(self.device)
                          for specs in self.groups]
-            optimizers = [torch.optim.Adam(e.parameters(), lr=self.config.learning_rate) for e in ensembles]
+            optimizers = [torch.optim.Adam(e.parameters(), lr=self.base_learning_rate(e.d_sae)) for e in ensembles]
             since_fired = [torch.zeros(len(s), s[0].d_sae, device=self.device) for s in self.groups]
+            controllers = self._controllers()
             generator = torch.Generator().manual_seed(self.config.seed + 1)
             step, pending = 0, [first]
             log_file = (self.run_dir / "log.jsonl").open("w")
         else:
-            ensembles, optimizers, since_fired, generator, step, scale = state
-            batches = self.source.batches(self.config.batch_size, skip=step)
+            ensembles, optimizers, since_fired, controllers, generator, step, scale = state
+            batches = self.source.batches(self.config.batch_size, skip=step) if step < self.total_steps() else iter(())
             pending = []
             log_file = (self.run_dir / "log.jsonl").open("a")
 
@@ -149,20 +181,25 @@ class Trainer:
         try:
             for raw in _chain(pending, batches):
                 x = raw.to(self.device) * scale  # (B, d)
-                lr = self.learning_rate(step)
+                warm = sparsity_warmup(step, self.total_steps(), self.config.sparsity_warmup)
                 stats = []
-                for ensemble, optimizer, counter in zip(ensembles, optimizers, since_fired):
+                for ensemble, optimizer, counter, controller in zip(ensembles, optimizers, since_fired, controllers):
                     dead = counter >= self.config.dead_window
+                    lr = self.learning_rate(step, ensemble.d_sae)
                     for group in optimizer.param_groups:
                         group["lr"] = lr
+                    ensemble.l1.copy_(controller.coefficient * warm)
                     optimizer.zero_grad(set_to_none=True)
                     out = self._accumulate_gradients(ensemble, x, dead, autocast)
                     ensemble.constrain_before_step()
                     optimizer.step()
                     ensemble.constrain_after_step()
                     counter.add_(len(x)).masked_fill_(out["fired"], 0)
+                    if warm >= 1.0:  # steer once the coefficient has warmed up
+                        controller.update(out["l0"])
                     stats.append({k: out[k].float().tolist() for k in ("loss", "mse", "fvu", "l0")}
-                                 | {"dead": (counter >= self.config.dead_window).float().mean(-1).tolist()})
+                                 | {"dead": (counter >= self.config.dead_window).float().mean(-1).tolist(),
+                                    "coefficient": ensemble.l1.tolist()})
                 step += 1
                 tokens_seen += len(x)
                 resampled = 0
@@ -173,20 +210,23 @@ class Trainer:
                             dead = counter >= self.config.dead_window
                             resampled += resample_dead(ensemble, optimizer, dead, x, generator)
                             counter.masked_fill_(dead, 0)  # a resampled feature gets a new window
+                keys = ("loss", "mse", "fvu", "l0", "dead", "coefficient")
                 record = {"step": step, "tokens": tokens_seen, "lr": lr, "seconds": round(time.time() - started, 3),
                           "resampled": resampled,
-                          "members": [dict(zip(("loss", "mse", "fvu", "l0", "dead"), values))
-                                      for s in stats for values in zip(*(s[k] for k in ("loss", "mse", "fvu", "l0", "dead")))]}
+                          "members": [dict(zip(keys, values)) for s in stats for values in zip(*(s[k] for k in keys))]}
                 log.append(record)
                 log_file.write(json.dumps(record) + "\n")
                 if progress is not None:
                     progress(len(x), record)
                 if checkpoint_every and tokens_seen // checkpoint_every != (tokens_seen - len(x)) // checkpoint_every:
-                    self._save_checkpoint(ensembles, optimizers, since_fired, generator, step, scale)
+                    self._save_checkpoint(ensembles, optimizers, since_fired, controllers, generator, step, scale)
         finally:
             log_file.close()
+        if state is None or log:  # the finished run, kept until its dictionaries are published
+            self._save_checkpoint(ensembles, optimizers, since_fired, controllers, generator, step, scale)
         dead = [counter >= min(self.config.dead_window, tokens_seen) for counter in since_fired]
-        return TrainResult(ensembles=ensembles, specs=self.groups, scale=scale, tokens_seen=tokens_seen, dead=dead, log=log)
+        return TrainResult(ensembles=ensembles, specs=self.groups, scale=scale, tokens_seen=tokens_seen, dead=dead,
+                           coefficients=[c.coefficient.float() for c in controllers], log=log)
 
     def _accumulate_gradients(self, ensemble: Ensemble, x: torch.Tensor, dead: torch.Tensor, autocast) -> dict:
         total_variance = (x - x.mean(0)).pow(2).sum()
@@ -210,11 +250,13 @@ class Trainer:
 
     # --- checkpoints ------------------------------------------------------------------------------------
 
-    def _save_checkpoint(self, ensembles, optimizers, since_fired, generator, step, scale) -> None:
+    def _save_checkpoint(self, ensembles, optimizers, since_fired, controllers, generator, step, scale) -> None:
         tensors: dict[str, torch.Tensor] = {"generator": generator.get_state()}
         adam_steps = {}
-        for g, (ensemble, optimizer, counter) in enumerate(zip(ensembles, optimizers, since_fired)):
+        for g, (ensemble, optimizer, counter, controller) in enumerate(zip(ensembles, optimizers, since_fired, controllers)):
             tensors[f"g{g}.since_fired"] = counter
+            tensors[f"g{g}.coefficient"] = controller.coefficient
+            tensors[f"g{g}.previous_error"] = controller.previous_error
             for name, param in ensemble.named_parameters():
                 tensors[f"g{g}.param.{name}"] = param.detach()
                 state = optimizer.state.get(param, {})
@@ -243,13 +285,13 @@ class Trainer:
             raise ValueError(f"{target}: the checkpoint was written by a run with different settings; "
                              "resume with the same arguments, or start over without --resume")
         tensors = load_file(str(target / "state.safetensors"))
-        ensembles, optimizers, since_fired = [], [], []
+        ensembles, optimizers, since_fired, controllers = [], [], [], self._controllers()
         for g, specs in enumerate(self.groups):
             ensemble = Ensemble(specs, self.d_in).to(self.device)
             with torch.no_grad():
                 for name, param in ensemble.named_parameters():
                     param.copy_(tensors[f"g{g}.param.{name}"])
-            optimizer = torch.optim.Adam(ensemble.parameters(), lr=self.config.learning_rate)
+            optimizer = torch.optim.Adam(ensemble.parameters(), lr=self.base_learning_rate(ensemble.d_sae))
             for name, param in ensemble.named_parameters():
                 if f"g{g}.{name}" in meta["adam_steps"]:
                     optimizer.state[param] = {
@@ -260,9 +302,11 @@ class Trainer:
             ensembles.append(ensemble)
             optimizers.append(optimizer)
             since_fired.append(tensors[f"g{g}.since_fired"].to(self.device))
+            controllers[g].coefficient = tensors[f"g{g}.coefficient"]
+            controllers[g].previous_error = tensors[f"g{g}.previous_error"]
         generator = torch.Generator()
         generator.set_state(tensors["generator"])
-        return ensembles, optimizers, since_fired, generator, meta["step"], meta["scale"]
+        return ensembles, optimizers, since_fired, controllers, generator, meta["step"], meta["scale"]
 
 
 @torch.no_grad()

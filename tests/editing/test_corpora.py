@@ -89,3 +89,21 @@ def test_token_windows_order(small_model):
     everything = token_windows(corpus, tokenizer, 16)
     shuffled = token_windows(corpus, tokenizer, 16, seed=3)
     assert sorted(map(tuple, everything.tolist())) == sorted(map(tuple, shuffled.tolist()))
+
+
+def test_a_single_document_is_split_by_its_text(tmp_path):
+    lines = [f"line {i}: " + "word " * (i % 7) for i in range(400)]
+    (tmp_path / "one.txt").write_text("\n".join(lines))
+    whole = open_corpus(str(tmp_path / "one.txt"))
+    [train] = list(open_corpus(f"{tmp_path / 'one.txt'}#train"))
+    [heldout] = list(open_corpus(f"{tmp_path / 'one.txt'}#heldout"))
+    [text] = [d.text for d in whole]
+    assert train.text + heldout.text == text  # disjoint and complete, consecutive text
+    assert 0.08 < len(heldout.text) / len(text) < 0.13 and heldout.text.startswith("\n")
+    assert (train.id, heldout.id) == ("one.txt#train", "one.txt#heldout")
+    # a directory of one file is one document too; of two, the split is by documents again
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "a.txt").write_text(text)
+    assert [d.text for d in open_corpus(f"{tmp_path / 'dir'}#heldout")] == [heldout.text]
+    (tmp_path / "dir" / "b.txt").write_text("another document")
+    assert sorted(_ids(f"{tmp_path / 'dir'}#train") + _ids(f"{tmp_path / 'dir'}#heldout")) == ["a.txt", "b.txt"]

@@ -59,6 +59,13 @@ def test_bad_job_requests(server):
     dtype = requests.post(server + "/v1/trainings", json={"name": "x2", "hook": "blocks.1.hook_resid_post",
                                                           "dtype": "float16"}, timeout=30)
     assert dtype.status_code == 400 and dtype.json()["error"]["param"] == "dtype"
+    target = requests.post(server + "/v1/trainings", json={"name": "x3", "hook": "blocks.1.hook_resid_post",
+                                                           "architecture": "topk", "target_l0": [40]}, timeout=30)
+    assert target.status_code == 400 and target.json()["error"]["param"] == "target_l0"
+    for field in ("corpus", "heldout_corpus"):  # corpora the server exposes, never its file paths
+        path = requests.post(server + "/v1/trainings", json={"name": "x4", "hook": "blocks.1.hook_resid_post",
+                                                             field: "/etc/passwd"}, timeout=30)
+        assert path.status_code == 400 and path.json()["error"]["param"] == field
 
 
 def test_a_training_job_deploys_its_dictionary(server):
