@@ -141,12 +141,20 @@ class ModelDeployment:
         streams = {False: (DeltaStreamer(tokenizer, list(request.stop)), []),
                    True: (DeltaStreamer(tokenizer, list(request.stop)), [])}
         sent, counted = {False: "", True: ""}, {False: 0, True: 0}  # what earlier messages carried
+        deltas, new_tokens = {False: "", True: ""}, {False: [], True: []}  # not sent yet
+        interval, last_sent = self.server.limits.stream_interval_s, None
         try:
             while True:
-                items = [await events.get()]
+                wait = None  # a message is due: wait for the next event; else only until it is
+                if last_sent is not None and (new_tokens[False] or new_tokens[True]):
+                    wait = max(0.0, last_sent + interval - time.monotonic())
+                items = []
+                try:
+                    items.append(await asyncio.wait_for(events.get(), wait) if wait != 0.0 else events.get_nowait())
+                except (asyncio.TimeoutError, asyncio.QueueEmpty):
+                    pass
                 while not events.empty():
                     items.append(events.get_nowait())
-                deltas, new_tokens = {False: "", True: ""}, {False: [], True: []}
                 finished = None
                 for kind, payload in items:
                     if kind == "done":
@@ -168,12 +176,16 @@ class ModelDeployment:
                            "token_ids": response["tokens"][counted[False]:],
                            "baseline_token_ids": baseline["tokens"][counted[True]:]}
                     return
-                if new_tokens[False] or new_tokens[True]:
+                due = last_sent is None or time.monotonic() - last_sent >= interval
+                if (new_tokens[False] or new_tokens[True]) and due:
+                    message = {"delta": deltas[False], "baseline_delta": deltas[True], "token_ids": new_tokens[False],
+                               "baseline_token_ids": new_tokens[True]}
                     for baseline in (False, True):
                         sent[baseline] += deltas[baseline]
                         counted[baseline] += len(new_tokens[baseline])
-                    yield {"delta": deltas[False], "baseline_delta": deltas[True], "token_ids": new_tokens[False],
-                           "baseline_token_ids": new_tokens[True]}
+                    deltas, new_tokens = {False: "", True: ""}, {False: [], True: []}
+                    last_sent = time.monotonic()
+                    yield message
         finally:
             if not handle.done:  # the consumer went away (client disconnected): free the row
                 self.server.cancel(handle)

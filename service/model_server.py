@@ -42,6 +42,11 @@ class Limits:
     """Σ prompt + max_new_tokens over a replica's running rows (bounds key/value memory)."""
     prefill_chunk_tokens: int = 256
     """Prompt positions one prefill forward reads (longer prompts are read in chunks)."""
+    stream_interval_s: float = 0.0
+    """Shortest gap between two messages of one stream (its first and last are never held):
+    steps that come faster are sent together. 0: a message every step. Each message crosses
+    two Ray hops (replica → ingress → proxy); for a fast model (pythia-tiny's ~2 ms steps)
+    0.05 s made streamed throughput 24% higher on a 2-core machine."""
     max_jobs_per_key: int = 4
     """Evaluation and training jobs one API key may have queued or running at once; past it, 429."""
     job_cpus: float = 1.0

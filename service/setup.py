@@ -30,3 +30,17 @@ def ensure_defaults(args: AppArgs) -> None:
                                  "train it (steerserve train) or import it (steerserve dict import)")
             print(f"training the default dictionary {DEFAULT_NAME} (about a minute, once)")
             train_and_publish(loaded, default_config(), name=DEFAULT_NAME, store=store, progress=True)
+        if DEFAULT_NAME in model.dictionaries and DEFAULT_NAME not in missing and not _default_is_current(store):
+            print(f"note: the stored {DEFAULT_NAME} was trained with an earlier default recipe; it keeps serving. "
+                  "`steerserve train --default` retrains it (the README's example outputs use the current recipe)")
+
+
+def _default_is_current(store) -> bool:
+    """Whether the stored default dictionary was trained with today's ``default_config()``."""
+    import dataclasses
+    import json
+
+    from dictionaries.training.pipeline import DEFAULT_NAME, default_config
+
+    wanted = json.loads(json.dumps(dataclasses.asdict(default_config()), default=list))
+    return store.config(DEFAULT_NAME).provenance.get("config") == wanted

@@ -14,6 +14,31 @@ DEFAULT = "pythia-tiny-l2"
 LONG = {"prompt": "Return the number of", "max_new_tokens": 64}
 
 
+def test_a_stream_interval_sends_fewer_messages_with_the_same_content(server):
+    """An app whose streams send at most one message each 0.2 s: the first arrives at once, the
+    rest carry several steps each, and everything still concatenates to the final answer."""
+    from ray import serve
+
+    from service.app import AppArgs, ModelArgs, build_app
+    from service.model_server import Limits
+
+    serve.run(build_app(AppArgs(models=[ModelArgs(name="pythia-tiny", dictionaries=[DEFAULT], torch_threads=1)],
+                                limits=Limits(stream_interval_s=0.2))), name="paced", route_prefix="/paced")
+    try:
+        body = {"prompt": "The default value is", "max_new_tokens": 60, "ignore_eos": True, "stream": True}
+        answer = requests.post(server + "/paced/v1/generate", json=body, stream=True, timeout=120)
+        lines = [line for line in answer.iter_lines(decode_unicode=True) if line]
+        assert lines[-1] == "data: [DONE]"
+        events = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+        final = events[-1]
+        assert len(final["tokens"]) == 60 and len(events) < 30  # 60 steps of a few ms: far fewer messages
+        assert "tokens" not in events[0] and events[0]["token_ids"]  # the first tokens are not held back
+        assert [t for e in events for t in e["token_ids"]] == final["tokens"]
+        assert "".join(e["delta"] for e in events) == final["text"]
+    finally:
+        serve.delete("paced")
+
+
 @pytest.fixture(scope="module")
 def tight(server):
     """An app whose replica runs at most 2 rows and queues at most 2 requests."""
