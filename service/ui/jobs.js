@@ -113,18 +113,10 @@ function evaluationForm(stored, onStarted) {
       showError(form, { describe: () => `edits: item ${bad + 1} is not DICT:FEATURE:OP[:VALUE][@POSITIONS]`, param: "edits" });
       return;
     }
-    busy(button, true, "Starting…");
-    try {
-      const job = await api("POST", "v1/evaluations", {
-        dictionary: dictionary.value, tokens: tokens.value === "" ? undefined : Number(tokens.value),
-        corpus: corpus.value, edits: parsed.map(wireEdit),
-      });
-      onStarted(job);
-    } catch (err) {
-      showError(form, err);
-    } finally {
-      busy(button, false);
-    }
+    await start(form, button, onStarted, () => api("POST", "v1/evaluations", {
+      dictionary: dictionary.value, tokens: tokens.value === "" ? undefined : Number(tokens.value),
+      corpus: corpus.value, edits: parsed.map(wireEdit),
+    }));
   });
   return form;
 }
@@ -153,21 +145,25 @@ function trainingForm(served, onStarted) {
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     clearErrors(form);
-    busy(button, true, "Starting…");
-    try {
-      const job = await api("POST", "v1/trainings", {
-        name: name.value.trim(), model: model.value, hook: hook.value.trim(), architecture: architecture.value,
-        d_sae: list(dSae.value), k: list(k.value), l1: list(l1.value),
-        tokens: tokens.value === "" ? undefined : Number(tokens.value), deploy: deploy.checked,
-      });
-      onStarted(job);
-    } catch (err) {
-      showError(form, err);
-    } finally {
-      busy(button, false);
-    }
+    await start(form, button, onStarted, () => api("POST", "v1/trainings", {
+      name: name.value.trim(), model: model.value, hook: hook.value.trim(), architecture: architecture.value,
+      d_sae: list(dSae.value), k: list(k.value), l1: list(l1.value),
+      tokens: tokens.value === "" ? undefined : Number(tokens.value), deploy: deploy.checked,
+    }));
   });
   return form;
+}
+
+/** Submit a job form: the button shows it is busy, the new job goes to onStarted, an error to the form. */
+async function start(form, button, onStarted, send) {
+  busy(button, true, "Starting…");
+  try {
+    onStarted(await send());
+  } catch (err) {
+    showError(form, err);
+  } finally {
+    busy(button, false);
+  }
 }
 
 function evaluationResult(result) {
