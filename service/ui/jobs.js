@@ -129,6 +129,7 @@ function trainingForm(served, onStarted) {
   const dSae = h("input", { type: "text", value: "1024" });
   const k = h("input", { type: "text", value: "32" });
   const l1 = h("input", { type: "text", value: "1" });
+  const targetL0 = h("input", { type: "text", placeholder: "e.g. 20,40", spellcheck: "false" });
   const tokens = h("input", { type: "number", min: 1024, step: 1024, value: 1000000 });
   const deploy = h("input", { type: "checkbox" });
   const button = h("button", { type: "submit", class: "primary", text: "Start training" });
@@ -139,15 +140,21 @@ function trainingForm(served, onStarted) {
     h("div", { class: "grid" }, field("Name", name, { param: "name" }), field("Model", model, { param: "model" }),
       field("Hook", hook, { param: "hook" }), field("Architecture", architecture, { param: "architecture" }),
       field("Features (d_sae)", dSae, { param: "d_sae" }), field("k (topk)", k, { param: "k" }),
-      field("L1 / L0 coefficient", l1, { param: "l1" }), field("Tokens", tokens, { param: "tokens" }),
+      field("L1 / L0 coefficient", l1, { param: "l1" }),
+      field("Target L0 (relu, jumprelu)", targetL0, { param: "target_l0",
+        hint: "optional: the coefficient is steered during training to reach each L0" }),
+      field("Tokens", tokens, { param: "tokens" }),
       field("Deploy when done", deploy, { param: "deploy", className: "inline" })),
     h("div", { class: "actions" }, button));
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     clearErrors(form);
+    const targets = list(targetL0.value);
     await start(form, button, onStarted, () => api("POST", "v1/trainings", {
       name: name.value.trim(), model: model.value, hook: hook.value.trim(), architecture: architecture.value,
-      d_sae: list(dSae.value), k: list(k.value), l1: list(l1.value),
+      d_sae: list(dSae.value), k: list(k.value),
+      // with targets the coefficient starts from the server's default (weak) and is steered from there
+      l1: targets.length ? undefined : list(l1.value), target_l0: targets.length ? targets : undefined,
       tokens: tokens.value === "" ? undefined : Number(tokens.value), deploy: deploy.checked,
     }));
   });

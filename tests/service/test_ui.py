@@ -348,6 +348,31 @@ def test_an_evaluation_started_from_the_form_shows_its_figures(page, server, sho
     page.screenshot(path=shots("jobs"), full_page=True)
 
 
+def test_the_training_form_sends_target_l0_and_shows_its_errors_at_the_field(page, server):  # noqa: F811
+    """Targets go out as ``target_l0`` (the coefficient then starts from the server's default); the
+    server's 400 for a target on a topk dictionary appears next to the Target L0 field. No job starts:
+    each request the form sends is one the server refuses."""
+    _open(page, server, "#/jobs", "Jobs")
+    form = page.get_by_role("form", name="Start a training")
+    form.get_by_label("Name").fill("ui-target")
+    form.get_by_label("Target L0 (relu, jumprelu)").fill("20")
+    form.get_by_role("button", name="Start training").click()  # topk (the default) has no target
+    message = form.locator("[data-param=target_l0] .field-error")
+    expect(message).to_be_visible()
+    expect(message).to_contain_text("a topk dictionary's L0 is its k")
+
+    form.get_by_label("Architecture").select_option("relu")
+    form.get_by_label("Target L0 (relu, jumprelu)").fill("20, 40")
+    form.get_by_label("Tokens").fill("10")  # below the minimum: refused, so nothing trains
+    with page.expect_request(lambda r: r.url.endswith("/v1/trainings") and r.method == "POST") as sent:
+        form.get_by_role("button", name="Start training").click()
+    body = json.loads(sent.value.post_data)
+    assert body["target_l0"] == [20, 40] and "l1" not in body and body["architecture"] == "relu"
+    expect(form.locator("[data-param=tokens] .field-error")).to_be_visible()
+    jobs = requests.get(server + "/v1/trainings", timeout=30).json()
+    assert not any(job["request"]["name"] == "ui-target" for job in jobs["data"])
+
+
 # --- narrow windows ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("route, heading", [("#/playground", "Playground"), (f"#/feature/{DEFAULT}/7", f"{DEFAULT} · feature 7"),
