@@ -140,11 +140,11 @@ def _serve(args) -> int:
     ensure_defaults(app_args)
     url = run(app_args, host=host, port=port)
     dictionary = next((d for m in app_args.models for d in m.dictionaries), None)
-    edit = f', "edits": [{{"dictionary": "{dictionary}", "feature": 7, "op": "scale", "value": 8}}]' if dictionary else ""
+    edit = f', "edits": [{{"dictionary": "{dictionary}", "feature": 7, "op": "set", "value": 6}}]' if dictionary else ""
     print(f"\nsteerserve is serving {', '.join(m.name for m in app_args.models)} at {url}\n")
     print(f"open {url}/ in a browser: playground, feature pages, inspector, dictionaries and jobs\n")
     print("try:\n  curl -s " + url + "/v1/generate -H 'Content-Type: application/json' \\\n"
-          f"    -d '{{\"prompt\": \"Return the number of\", \"max_new_tokens\": 16, \"include_baseline\": true{edit}}}'\n")
+          f"    -d '{{\"prompt\": \"Return the number of\", \"max_new_tokens\": 12, \"include_baseline\": true{edit}}}'\n")
     if not has_keys:
         print("no API keys are configured: the service is OPEN to anything on this machine (loopback only).")
     print("Ctrl-C stops it.")
