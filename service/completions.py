@@ -34,6 +34,7 @@ def engine_requests(server, body: CompletionRequest, edits: list) -> list[Genera
                             "alternatives a token", param="logprobs")
     if len(edits) > limits.max_edits:
         raise ApiError(400, f"{len(edits)} edits; this server allows at most {limits.max_edits}", param="edits")
+    server.steering.sync_vectors(edits)  # the stored version of every steering vector named, as /v1/generate does
     prompts = body.prompts()
     requests = []
     for index, prompt in enumerate(prompts):

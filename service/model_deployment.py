@@ -190,6 +190,15 @@ class ModelDeployment:
             if not handle.done:  # the consumer went away (client disconnected): free the row
                 self.server.cancel(handle)
 
+    async def check_edits(self, edits: list) -> dict:
+        """Whether ``edits`` can run on this replica now, by the checks every request goes through
+        (dictionaries deployed, features in range, conditions, units, steering vectors): a stored
+        preset is checked exactly as its use will be."""
+        def check():
+            self.server.check(GenerateRequest(prompt="x", max_new_tokens=1, edits=edits))
+            return True
+        return await self._call(lambda: asyncio.to_thread(check))
+
     async def metrics_text(self) -> str:
         return self.metrics.text()
 

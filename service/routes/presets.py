@@ -63,15 +63,9 @@ class PresetRoutes:
         if len(body.edits) > self.limits.max_edits:
             raise ApiError(400, f"{len(body.edits)} edits; a request may carry at most {self.limits.max_edits}",
                            param="edits")
-        served = {d["name"]: d for d in _unwrap(await self.models[model].dictionaries.remote())}
-        for index, edit in enumerate(body.edits):
-            if edit.dictionary not in served:
-                raise ApiError(400, f"edits[{index}].dictionary: {edit.dictionary!r} is not deployed on {model!r} "
-                                    f"(deployed: {', '.join(sorted(served)) or 'none'})",
-                               param=f"edits[{index}].dictionary")
-            if edit.feature >= served[edit.dictionary]["d_sae"]:
-                raise ApiError(400, f"edits[{index}].feature: {edit.feature} is out of range for {edit.dictionary!r} "
-                                    f"({served[edit.dictionary]['d_sae']} features)", param=f"edits[{index}].feature")
+        # the model's own checks, as every use of the preset will run them (a vector edit names no
+        # dictionary; conditions, units and steering vectors are checked as well)
+        _unwrap(await self.models[model].check_edits.remote(body.edits))
         record = {"model": model, "edits": [edit.model_dump(exclude_none=True) for edit in body.edits],
                   "description": body.description}
         stored = await asyncio.to_thread(PresetStore().put, name, record)

@@ -254,6 +254,53 @@ def test_vectors_store_use_and_delete(server, local, pythia_tiny, vectors):
     _healthy(server)
 
 
+def test_vectors_through_completions_and_presets(server, local, vectors):
+    """The OpenAI route (the one lm-evaluation-harness scores with) and presets serve the stored
+    version of a vector too: its first use, a replacement and a deletion are seen at once."""
+    from dictionaries.vectors import SteeringVector
+
+    values = torch.randn(128, generator=torch.Generator().manual_seed(5)).tolist()
+    put = lambda vals: requests.put(server + "/v1/vectors/to-delete", timeout=60,  # noqa: E731
+                                    json={"hook": "blocks.2.hook_resid_pre", "values": vals})
+    assert put(values).status_code == 200
+    edit = {"op": "vector", "vector": "to-delete", "value": 3.0}
+    text = "Return the number of items in the list."
+    ids = tuple(local.tokenizer(text, add_special_tokens=False)["input_ids"])
+    body = {"prompt": text, "max_tokens": 0, "echo": True, "logprobs": 1, "edits": [edit]}
+
+    def scored(vals):
+        local.add_vector(SteeringVector("to-delete", "blocks.2.hook_resid_pre", torch.tensor(vals)))
+        [alone] = local.generate([GenerationRequest(ids, max_new_tokens=0, prompt_logprobs=True,
+                                                    edits=(EditSpec(**edit),))])
+        return alone.prompt_logprobs[1:]
+
+    answer = _post(server, "/v1/completions", body)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["logprobs"]["token_logprobs"][1:] == pytest.approx(scored(values), abs=1e-5)
+    # a preset holding the vector edit: stored, listed, and scoring as the edit itself does
+    preset = requests.put(server + "/v1/presets/with-vector", json={"edits": [edit]}, timeout=60)
+    assert preset.status_code == 200, preset.text
+    try:
+        via_preset = _post(server, "/v1/completions", {**body, "edits": [], "model": "pythia-tiny+with-vector"}).json()
+        assert via_preset["choices"][0]["logprobs"]["token_logprobs"][1:] == pytest.approx(scored(values), abs=1e-5)
+        assert put([-v for v in values]).status_code == 200  # replaced: the next request sees it
+        replaced = _post(server, "/v1/completions", body).json()
+        assert replaced["choices"][0]["logprobs"]["token_logprobs"][1:] == pytest.approx(scored([-v for v in values]),
+                                                                                        abs=1e-5)
+        assert requests.delete(server + "/v1/vectors/to-delete", timeout=60).status_code == 200
+        _error(_post(server, "/v1/completions", body), 400, "edits[0].vector")
+        assert _post(server, "/v1/completions", {**body, "edits": [],
+                                                 "model": "pythia-tiny+with-vector"}).status_code == 409
+    finally:
+        requests.delete(server + "/v1/presets/with-vector", timeout=60)
+    # a preset is checked as its use will be: an unknown vector, a condition on a later hook
+    _error(requests.put(server + "/v1/presets/bad", json={"edits": [edit]}, timeout=60), 400, "edits[0].vector")
+    later = [{"dictionary": "random-l1", "feature": 1, "op": "ablate",
+              "when": {"dictionary": DEFAULT, "feature": 2, "above": 0.0}}]
+    assert requests.put(server + "/v1/presets/bad", json={"edits": later}, timeout=60).status_code == 400
+    _healthy(server)
+
+
 VECTOR_BAD = [
     ("uploaded", {"hook": "blocks.1.hook_resid_pre", "values": [1.0] * 64}, 400, "values"),
     ("uploaded", {"hook": "blocks.9.hook_resid_pre", "values": [1.0] * 128}, 400, "hook"),
