@@ -8,6 +8,7 @@ With ``x`` the activation at the hook, ``x̂`` the dictionary's reconstruction a
 features, over every token:
 
     kl_div_score                   (KL_zero − KL_spliced) / KL_zero   KL(clean ‖ ·) a token; 1 = as good as the model
+    ce_loss_recovered              (CE_zero − CE_spliced) / (CE_zero − CE_clean), next-token CE beside the KL score
     cossim                         mean cos(x, x̂)
     l2_ratio                       mean ‖x̂‖ / ‖x‖
     relative_reconstruction_bias   E‖x̂‖² / E⟨x, x̂⟩   (1 = unbiased; < 1 shrinks)
@@ -43,14 +44,16 @@ def token_kl(clean: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 class CoreMetrics:
     def __init__(self, d_sae: int):
         self.windows: dict[str, list[float]] = {key: [] for key in (
-            "cossim", "l2_ratio", "l1", "norm_hat_sq", "inner", "kl_zero", "kl_spliced")}
+            "cossim", "l2_ratio", "l1", "norm_hat_sq", "inner", "kl_zero", "kl_spliced",
+            "ce_clean", "ce_zero", "ce_spliced")}
         self.fired = torch.zeros(d_sae, dtype=torch.float64)  # tokens each feature fired on
         self.tokens = 0
 
     @torch.no_grad()
     def add(self, x: torch.Tensor, x_hat: torch.Tensor, f: torch.Tensor, *, kl_zero: torch.Tensor | None = None,
-            kl_spliced: torch.Tensor | None = None) -> None:
-        """One batch of windows: ``x, x_hat (b, T, d)``, ``f (b, T, F)``; ``kl_*`` per window ``(b,)``."""
+            kl_spliced: torch.Tensor | None = None, ce: tuple | None = None) -> None:
+        """One batch of windows: ``x, x_hat (b, T, d)``, ``f (b, T, F)``; ``kl_*`` per window ``(b,)``;
+        ``ce``: next-token cross-entropy (clean, zero, spliced) per window, each ``(b,)``."""
         x, x_hat, f = x.double(), x_hat.double(), f.double()
         norm, norm_hat = x.norm(dim=-1), x_hat.norm(dim=-1)  # (b, T)
         inner = (x * x_hat).sum(-1)  # (b, T)
@@ -63,6 +66,9 @@ class CoreMetrics:
         if kl_zero is not None and kl_spliced is not None:
             self.windows["kl_zero"] += kl_zero.double().tolist()
             self.windows["kl_spliced"] += kl_spliced.double().tolist()
+        if ce is not None:
+            for key, values in zip(("ce_clean", "ce_zero", "ce_spliced"), ce):
+                self.windows[key] += values.double().tolist()
         self.fired += (f > 0).flatten(0, 1).sum(0).cpu().double()
         self.tokens += f.shape[0] * f.shape[1]
 
@@ -91,12 +97,16 @@ class CoreMetrics:
         if w["kl_zero"]:
             report["kl_div_score"] = pair(ratio_se([z - s for z, s in zip(w["kl_zero"], w["kl_spliced"])], w["kl_zero"]))
             report["kl"] = {"zero": pair(mean_se(w["kl_zero"])), "spliced": pair(mean_se(w["kl_spliced"]))}
+        if w["ce_clean"]:
+            report["ce_loss_recovered"] = pair(ratio_se([z - s for z, s in zip(w["ce_zero"], w["ce_spliced"])],
+                                                        [z - c for z, c in zip(w["ce_zero"], w["ce_clean"])]))
+            report["ce"] = {key: pair(mean_se(w[f"ce_{key}"])) for key in ("clean", "zero", "spliced")}
         return report
 
 
 def flat(report: dict) -> dict:
     """The headline figures as plain numbers (``metrics.json``'s top level)."""
-    keys = ("kl_div_score", "cossim", "l2_ratio", "relative_reconstruction_bias", "l1")
+    keys = ("kl_div_score", "ce_loss_recovered", "cossim", "l2_ratio", "relative_reconstruction_bias", "l1")
     values = {key: report[key]["mean"] for key in keys if key in report}
     values.update({key: report[key] for key in ("frac_alive", "freq_over_1_percent", "freq_over_10_percent")})
     return {key: value for key, value in values.items() if value is None or not math.isnan(value)}
@@ -117,12 +127,16 @@ def heldout_core_metrics(dictionaries: list, loaded, hook: str, windows: torch.T
             model(input_ids=ids)
         x = trace.output  # (b, T, d)
         clean = logits_from_hook(model, hook, x)[:, :-1].float().log_softmax(-1)  # (b, T-1, V)
-        kl_zero = token_kl(clean, logits_from_hook(model, hook, torch.zeros_like(x))[:, :-1].float().log_softmax(-1))
+        zero = logits_from_hook(model, hook, torch.zeros_like(x))[:, :-1].float().log_softmax(-1)
+        kl_zero = token_kl(clean, zero)
+        targets = ids[:, 1:].unsqueeze(-1)
+        ce = lambda logp: -logp.gather(-1, targets).squeeze(-1).mean(-1)  # noqa: E731  (b,)
         for dictionary, accumulator in zip(dictionaries, accumulators):
             dictionary = dictionary.to(device)
             x_normed, state = dictionary.normalize(x)
             f = dictionary.activation(dictionary.pre_activations(x_normed))  # (b, T, F)
             x_hat = dictionary.decode(f, state).to(x.dtype)
             spliced = logits_from_hook(model, hook, x_hat)[:, :-1].float().log_softmax(-1)
-            accumulator.add(x, x_hat, f, kl_zero=kl_zero.mean(-1), kl_spliced=token_kl(clean, spliced).mean(-1))
+            accumulator.add(x, x_hat, f, kl_zero=kl_zero.mean(-1), kl_spliced=token_kl(clean, spliced).mean(-1),
+                            ce=(ce(clean), ce(zero), ce(spliced)))
     return [accumulator.report() for accumulator in accumulators]

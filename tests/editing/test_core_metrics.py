@@ -47,12 +47,15 @@ def independent(loaded, sae, windows):
     spliced = run(lambda h: x_hat.to(h.dtype))
     zero = run(lambda h: torch.zeros_like(h))
     kl = lambda other: (clean.exp() * (clean - other)).sum(-1).mean()  # noqa: E731 - over all tokens
+    targets = windows[:, 1:].unsqueeze(-1)
+    ce = lambda logp: float(-logp.gather(-1, targets).mean())  # noqa: E731 - next-token CE over all tokens
     xs, hs = x.reshape(-1, x.shape[-1]).numpy(), x_hat.reshape(-1, x.shape[-1]).numpy()
     norms, hat_norms = np.linalg.norm(xs, axis=1), np.linalg.norm(hs, axis=1)
     density = (f.reshape(-1, f.shape[-1]) > 0).double().mean(0).numpy()
     alive = density[density > 0]
     return {
         "kl_div_score": float((kl(zero) - kl(spliced)) / kl(zero)),
+        "ce_loss_recovered": (ce(zero) - ce(spliced)) / (ce(zero) - ce(clean)),
         "cossim": float(np.mean((xs * hs).sum(1) / (norms * hat_norms))),
         "l2_ratio": float(np.mean(hat_norms / norms)),
         "relative_reconstruction_bias": float(np.mean(hat_norms**2) / np.mean((xs * hs).sum(1))),
@@ -81,11 +84,16 @@ def test_core_metrics_equal_an_independent_computation(pythia_tiny, random_dicti
     core = report["core"]
     _check(core, expected)
     assert core["tokens"] == TOKENS and 0 < core["kl_div_score"]["mean"] < 1
+    assert report["ce_loss_recovered"]["mean"] == pytest.approx(expected["ce_loss_recovered"], rel=1e-4)
     for key in ("kl_div_score", "cossim", "l2_ratio", "relative_reconstruction_bias", "l1"):
         assert core[key]["se"] > 0, key
-    # the publish step measures the same figures on the same windows
+    # the publish step measures the same figures on the same windows, and CE recovered beside them
     [published] = heldout_core_metrics([random_dictionary], pythia_tiny, HOOK, windows)
     _check(published, expected)
+    assert published["ce_loss_recovered"]["mean"] == pytest.approx(expected["ce_loss_recovered"], rel=1e-4)
+    assert published["ce_loss_recovered"]["se"] > 0
+    [metrics] = heldout_metrics([random_dictionary], pythia_tiny, HOOK, windows)
+    assert metrics["ce_loss_recovered"] == pytest.approx(expected["ce_loss_recovered"], rel=1e-4)
 
 
 def test_the_identity_dictionary_is_perfect(pythia_tiny):
