@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sqlite3
 import time
 import uuid
@@ -38,6 +39,16 @@ CREATE TABLE IF NOT EXISTS jobs (
     created REAL NOT NULL, started REAL, finished REAL, owner TEXT, launcher TEXT
 )"""
 _COLUMNS_ADDED = (("owner", "TEXT"), ("launcher", "TEXT"))  # databases older than these columns get them
+PRIVATE_FIELDS = ("corpus_source",)
+"""What the ingress adds to a job's request for its task (a registered corpus's server path):
+kept in the record, never shown to callers."""
+_SERVER_PATH = re.compile(r"(?<![\w.:/~-])(?:~|/)[^\s'\"`,;:()\[\]{}<>]*")
+
+
+def redact_paths(text: str) -> str:
+    """``text`` with every absolute path replaced by ``<server path>``: a job's error reaches its
+    owner, who must learn nothing of the server's file system from it."""
+    return _SERVER_PATH.sub("<server path>", text)
 
 
 def resolve_corpus(name: str, corpora: dict[str, str]) -> str:
@@ -164,7 +175,8 @@ class JobStore:
     def _public(row: sqlite3.Row) -> dict:
         return {"id": row["id"], "kind": row["kind"], "owner": row["owner"], "launcher": row["launcher"],
                 "status": row["status"], "progress": row["progress"],
-                "message": row["message"], "request": json.loads(row["request"]),
+                "message": row["message"],
+                "request": {k: v for k, v in json.loads(row["request"]).items() if k not in PRIVATE_FIELDS},
                 "result": json.loads(row["result"]) if row["result"] else None, "error": row["error"],
                 "created": row["created"], "started": row["started"], "finished": row["finished"]}
 

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import sqlite3
 
-from service.jobs import FINISHED
+from service.jobs import FINISHED, redact_paths
 
 logger = logging.getLogger(__name__)
 FINISH_ATTEMPTS = 20
@@ -47,7 +47,7 @@ class JobLauncher:
             except Exception as err:  # the task raised, or its worker died (killed, out of memory)
                 cause = getattr(err, "cause", None) or err
                 reason = f"{type(cause).__name__}: {cause}" if cause is not err else f"{type(err).__name__}: {err}"
-                await self._finish(job_id, "failed", error=reason[:2000])
+                await self._finish(job_id, "failed", error=redact_paths(reason)[:2000])
                 return
             if result:  # the task's own record of success may have met a locked database
                 await self._finish(job_id, "succeeded", progress=1.0, message="done", result=result)

@@ -33,6 +33,20 @@ def served_dictionaries(pythia_tiny, default_dictionary):
 SERVER: dict = {}  # the session app's arguments, for the restart test
 
 
+REGISTERED = TEST_HOME / "corpora"
+
+
+def registered_corpora() -> dict[str, str]:
+    """Corpora an admin registers in the session app's config: a text file, and a file that is
+    gone by the time a job reads it (its job must fail without naming the server's path)."""
+    REGISTERED.mkdir(parents=True, exist_ok=True)
+    notes = REGISTERED / "notes.txt"
+    notes.write_text("\n\n".join(f"Return the {w} of the object. If the {w} is missing, raise an error; "
+                                   f"the {w} is checked by each call to the function." for w in
+                                   ("value", "name", "size", "key", "path", "type", "count", "index") * 8))
+    return {"notes": str(notes), "vanished": str(REGISTERED / "vanished.txt")}
+
+
 @pytest.fixture(scope="session")
 def server(served_dictionaries):
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -44,7 +58,8 @@ def server(served_dictionaries):
 
     shutil.rmtree(TEST_HOME / "presets", ignore_errors=True)  # steering presets an interrupted run left behind
     args = AppArgs(models=[ModelArgs(name="pythia-tiny", dictionaries=sorted(served_dictionaries), torch_threads=2)],
-                   limits=Limits(max_new_tokens=64, max_prompt_tokens=256, max_edits=8, max_body_bytes=16384))
+                   limits=Limits(max_new_tokens=64, max_prompt_tokens=256, max_edits=8, max_body_bytes=16384),
+                   corpora={"builtin:pydocs": "builtin:pydocs", **registered_corpora()})
     url = run(args, port=_free_port(), temp_dir=TEST_HOME / "ray", name="steerserve-test")
     SERVER["args"] = args
     yield url

@@ -47,6 +47,29 @@ def test_corpus_messages_are_the_same_whatever_was_named(server):
     assert len(messages) == 1
 
 
+def test_a_registered_corpus_is_named_never_shown(server):
+    """A corpus the admin registered is evaluated by its name; neither the job record nor a failed
+    job's error shows its path on the server."""
+    from tests.service.conftest import REGISTERED
+    from tests.service.test_jobs import _wait
+
+    created = requests.post(server + "/v1/evaluations", json={"dictionary": DEFAULT, "corpus": "notes",
+                                                              "tokens": 1024}, timeout=60)
+    assert created.status_code == 202, created.text
+    record = _wait(server, "evaluations", created.json()["id"])
+    assert record["status"] == "succeeded", record["error"]
+    assert record["request"]["corpus"] == "notes" and record["result"]["corpus"] == "notes"
+    assert record["result"]["ce"]["clean"]["mean"] > 0
+    failed = _wait(server, "evaluations", requests.post(server + "/v1/evaluations", timeout=60, json={
+        "dictionary": DEFAULT, "corpus": "vanished", "tokens": 1024}).json()["id"])
+    assert failed["status"] == "failed" and "<server path>" in failed["error"], failed["error"]
+    listed = requests.get(server + "/v1/evaluations", timeout=60).text
+    for record in (record, failed):
+        shown = requests.get(f"{server}/v1/evaluations/{record['id']}", timeout=60).text
+        assert str(REGISTERED) not in shown and "corpus_source" not in shown
+    assert str(REGISTERED) not in listed and "corpus_source" not in listed
+
+
 def test_an_evaluation_refuses_generated_position_edits(server):
     answer = requests.post(server + "/v1/evaluations", timeout=60, json={
         "dictionary": DEFAULT, "edits": [{"dictionary": DEFAULT, "feature": 2, "op": "ablate", "positions": "generated"}]})
