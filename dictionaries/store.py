@@ -16,6 +16,12 @@ mixed one; a dictionary that fails validation is never installed, and the one al
 there keeps working. Names are ``[a-z0-9][a-z0-9._-]{0,63}``; anything else (path
 separators, ``..``) is refused.
 
+A served version is *pinned*: ``.deployed/<app key>-<model key>/<name>`` links to the object
+directory an application's model serves under that name (the service writes it when a deploy
+succeeds, removes it when a dictionary is undeployed or the application deleted). A pinned object outlives a later put of the name, so replicas
+that restart serve exactly the deployed version (:meth:`path_of_version`), not whatever was
+uploaded since; it is removed once neither a name nor a pin holds it.
+
 The store imports nothing else of the project: it reads ``$STEERSERVE_HOME`` itself, and
 the compatibility check takes the model's facts as plain values.
 """
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -51,6 +58,7 @@ from dictionaries.sae import Dictionary
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 OBJECTS = ".objects"
 STAGING = ".staging"
+DEPLOYED = ".deployed"
 STALE_AFTER_S = 3600.0
 """Staging left this long (by a crash or a killed process) is garbage for :meth:`cleanup`."""
 
@@ -176,6 +184,77 @@ class DictionaryStore:
         """The stored version of ``name``: its weights' SHA-256 (what a deploy serves)."""
         return file_sha256(self.path(name) / WEIGHTS_FILE)
 
+    def path_of_version(self, name: str, sha256: str) -> Path:
+        """The object directory of ``name`` whose weights have ``sha256``: the stored one, or a
+        pinned one a model serves (:meth:`pin`). ``DictionaryError`` when neither is."""
+        validate_name(name)
+        candidates = [self.root / name, *sorted((self.root / DEPLOYED).glob(f"*/{name}"))]
+        for candidate in candidates:
+            if (candidate / WEIGHTS_FILE).is_file() and file_sha256(candidate / WEIGHTS_FILE) == sha256:
+                return candidate.resolve()
+        raise DictionaryError(f"version {sha256[:12]}… of {name!r} is no longer in the store "
+                              "(it was replaced meanwhile): deploy it again")
+
+    # --- pins: the versions models serve ------------------------------------------------
+
+    @staticmethod
+    def _key(text: str) -> str:
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def _pin_link(self, app: str, model: str, name: str) -> Path:
+        validate_name(name)
+        return self.root / DEPLOYED / f"{self._key(app)}-{self._key(model)}" / name
+
+    def _pinned(self) -> set[Path]:
+        return {link.resolve() for link in (self.root / DEPLOYED).glob("*/*") if link.is_symlink()}
+
+    def _release(self, path: Path | None) -> None:
+        """Remove object directory ``path`` when no name and no pin holds it (under the lock)."""
+        if path is None or path.parent != self._objects().resolve():
+            return
+        if path not in {(self.root / n).resolve() for n in self.names()} | self._pinned():
+            shutil.rmtree(path, ignore_errors=True)
+
+    def pin(self, app: str, model: str, name: str, path: Path) -> None:
+        """Record that application ``app``'s ``model`` serves object directory ``path`` (resolved,
+        from :meth:`path`) as ``name``: it is kept until the pin moves or goes. A directory copied
+        into the store by hand (not under ``.objects``) is not pinned."""
+        path = Path(path).resolve()
+        if path.parent != self._objects().resolve():
+            return
+        link = self._pin_link(app, model, name)
+        with self._locked():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            previous = link.resolve() if link.is_symlink() else None
+            temporary = link.parent / f".link-{uuid.uuid4().hex[:8]}"
+            os.symlink(os.path.relpath(path, link.parent), temporary)
+            os.replace(temporary, link)
+            _fsync_dir(link.parent)
+            if previous != path:
+                self._release(previous)
+
+    def unpin(self, app: str, model: str, name: str) -> None:
+        link = self._pin_link(app, model, name)
+        with self._locked():
+            if link.is_symlink():
+                previous = link.resolve()
+                link.unlink()
+                self._release(previous)
+
+    def unpin_app(self, app: str) -> None:
+        """Drop every pin of application ``app`` (it was deleted)."""
+        with self._locked():
+            for folder in (self.root / DEPLOYED).glob(f"{self._key(app)}-*"):
+                targets = [link.resolve() for link in folder.glob("*") if link.is_symlink()]
+                shutil.rmtree(folder, ignore_errors=True)
+                for target in targets:
+                    self._release(target)
+
+    def pins(self, app: str, model: str) -> dict[str, Path]:
+        """The object directories application ``app``'s ``model`` serves, by name."""
+        folder = self._pin_link(app, model, "x").parent
+        return {link.name: link.resolve() for link in folder.glob("*") if link.is_symlink()} if folder.is_dir() else {}
+
     # --- writing -----------------------------------------------------------------------
 
     def put(self, name: str, source: Dictionary | Path | str, *, metrics: dict | None = None,
@@ -235,7 +314,7 @@ class DictionaryStore:
             raise
         _fsync_dir(self.root)
         if previous is not None and previous != staging and previous.parent == self._objects():
-            shutil.rmtree(previous, ignore_errors=True)
+            self._release(previous.resolve())  # kept while a model serves it (pinned)
 
     def write_file(self, name: str, filename: str, data: bytes) -> None:
         """Replace one optional file (``metrics.json``, features) of an installed dictionary atomically."""
@@ -249,7 +328,7 @@ class DictionaryStore:
         with self._locked():
             if link.is_symlink():
                 link.unlink()
-                shutil.rmtree(target, ignore_errors=True)
+                self._release(target)
             else:
                 shutil.rmtree(link)
 
@@ -261,7 +340,7 @@ class DictionaryStore:
         removed = []
         with self._locked():
             objects = self.root / OBJECTS
-            in_use = {(self.root / n).resolve() for n in self.names()}
+            in_use = {(self.root / n).resolve() for n in self.names()} | self._pinned()
             for candidate in sorted(objects.iterdir()) if objects.is_dir() else ():
                 if candidate.resolve() not in in_use:
                     shutil.rmtree(candidate, ignore_errors=True)
@@ -271,8 +350,11 @@ class DictionaryStore:
                 if now - candidate.stat().st_mtime >= stale_after:
                     shutil.rmtree(candidate, ignore_errors=True)
                     removed.append(f"{STAGING}/{candidate.name}")
-            for stray in self.root.glob(".link-*"):
+            for stray in [*self.root.glob(".link-*"), *self.root.glob(f"{DEPLOYED}/*/.link-*")]:
                 stray.unlink(missing_ok=True)
+            for pin in self.root.glob(f"{DEPLOYED}/*/*"):
+                if pin.is_symlink() and not pin.exists():  # its object is gone: the pin means nothing
+                    pin.unlink()
         return removed
 
 

@@ -91,15 +91,18 @@ def serve_http_host() -> str | None:
 
 
 def delete_app(name: str) -> None:
-    """Delete a running application and its registry actor."""
+    """Delete a running application, its registry actor and its pins in the store."""
     import ray
     from ray import serve
+
+    from dictionaries.store import DictionaryStore
 
     serve.delete(name)
     try:
         ray.kill(ray.get_actor(f"registry-{name}", namespace="steerserve"))
     except ValueError:
         pass
+    DictionaryStore().unpin_app(f"registry-{name}")
 
 
 def _safe(name: str) -> str:

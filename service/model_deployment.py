@@ -26,17 +26,35 @@ HEALTHY_WITHIN_S = 60.0  # a scheduler step (bounded by the prefill budget) neve
 @serve.deployment(max_ongoing_requests=256)
 class ModelDeployment:
     def __init__(self, config: dict, limits: dict, registry_name: str | None = None, build: str = ""):
+        import ray
+
+        from dictionaries.store import DictionaryStore
+        from service.registry import registry
         from service.registry import registry_name as own_registry
 
         config = ModelConfig(**config)
         context = serve.get_replica_context()
         self.replica = context.replica_id.unique_id  # the id Serve's controller lists it under
         self.metrics = ReplicaMetrics(config.name)
-        self.server = ModelServer(config, Limits(**limits), observer=self.metrics)
         self.registry_name, self.build = own_registry(registry_name), build
-        threading.Thread(target=self._follow_registry, daemon=True, name="steerserve-registry").start()
+        # Which versions to serve: the first replica of a new build starts from what the store holds
+        # for the configured dictionaries; a replica joining a running build (a restart, a scale-up)
+        # serves the versions deployed there — pinned in the store, whatever was uploaded since.
+        store = DictionaryStore()
+        stored = {name: store.version(name) for name in config.dictionaries}
+        state = ray.get(registry(self.registry_name).initialise.remote(config.name, stored, build))
+        self.server = ModelServer(config, Limits(**limits), observer=self.metrics, versions=state["names"])
+        failed = {name: error for name, error in self.server.load_errors.items() if name in config.dictionaries}
+        if failed and state.get("reset"):
+            raise RuntimeError("; ".join(f"dictionary {name!r}: {error}" for name, error in failed.items()))
+        if state.get("reset"):  # the deployed versions of this build are the ones just loaded
+            for name, served in self.server.served.items():
+                store.pin(self.registry_name, config.name, name, served["path"])
+            for name in set(store.pins(self.registry_name, config.name)) - set(self.server.served):
+                store.unpin(self.registry_name, config.name, name)
+        threading.Thread(target=self._follow_registry, args=(state,), daemon=True, name="steerserve-registry").start()
 
-    def _follow_registry(self) -> None:
+    def _follow_registry(self, state: dict) -> None:
         """Keep this replica's dictionaries equal to the registry's desired versions (hot
         deployment), and report the versions served and this replica's metrics with every heartbeat."""
         import ray
@@ -44,7 +62,7 @@ class ModelDeployment:
         from service.registry import HEARTBEAT_S, registry
 
         model = self.server.config.name
-        actor, state, applied, errors = None, None, 0, {}
+        actor, applied, errors = None, state["version"], dict(self.server.load_errors)
         while True:
             try:
                 actor = actor or registry(self.registry_name)

@@ -74,7 +74,11 @@ class ModelConfig:
 
 
 class ModelServer:
-    def __init__(self, config: ModelConfig, limits: Limits = Limits(), observer=None):
+    def __init__(self, config: ModelConfig, limits: Limits = Limits(), observer=None,
+                 versions: dict[str, str] | None = None):
+        """``versions`` (name -> weights sha256): serve exactly these (a replica joining a running
+        app, from the registry), reporting what failed in ``load_errors``; default: the configured
+        dictionaries as the store holds them now."""
         from dictionaries.store import DictionaryStore
         from editing.engine import Engine
         from editing.engine.loop import EngineLoop
@@ -90,8 +94,15 @@ class ModelServer:
         self.served: dict[str, dict] = {}  # name -> what is loaded: sha256, path, config, metrics, files
         self._features: dict[str, dict] = {}
         self.steering = Steering(self)
-        for name in config.dictionaries:
-            self._install(name, *self._read(name))
+        self.load_errors: dict[str, str] = {}
+        if versions is None:
+            for name in config.dictionaries:
+                self._install(name, *self._read(name))
+        for name, sha256 in sorted((versions or {}).items()):
+            try:
+                self._install(name, *self._read(name, sha256))
+            except Exception as err:  # reported with the registry acknowledgement; the replica serves the rest
+                self.load_errors[name] = str(err)
         self.loop = EngineLoop(self.engine.scheduler(limits.scheduler_limits(), observer))
 
     def between_steps(self, fn):
@@ -100,29 +111,30 @@ class ModelServer:
 
     # --- dictionaries (hot deployment) -------------------------------------------------------------
 
-    def compatibility(self, name: str):
+    def compatibility(self, name: str, path=None):
+        from dictionaries.config import DictionaryConfig
+        from dictionaries.format import CONFIG_FILE, read_json
         from dictionaries.store import check_compatibility
 
         info = self.loaded.info
-        return check_compatibility(self.store.config(name), model_name=info.name, model_sha256=info.sha256,
+        config = self.store.config(name) if path is None else DictionaryConfig.from_json(read_json(path / CONFIG_FILE))
+        return check_compatibility(config, model_name=info.name, model_sha256=info.sha256,
                                    n_layers=info.n_layers, d_model=info.d_model)
 
-    def _checked(self, name: str) -> list[str]:
-        report = self.compatibility(name)
-        report.raise_for_errors(f"dictionary {name!r}")
-        return report.warnings
-
-    def _read(self, name: str):
-        """``name`` as the store holds it now: (dictionary, warnings, description). The object
-        directory is resolved once, so the weights, their hash and the description agree."""
+    def _read(self, name: str, sha256: str | None = None):
+        """``name`` as the store holds it now — or exactly version ``sha256``, stored or pinned —
+        as (dictionary, warnings, description). The object directory is resolved once, so the
+        weights, their hash and the description agree."""
         from dictionaries.format import file_sha256
         from dictionaries.store import DictionaryStore
 
-        warnings = self._checked(name)
-        path = self.store.path(name)
-        served = {"sha256": file_sha256(path / "sae.safetensors"), "path": path,
+        path = self.store.path(name) if sha256 is None else self.store.path_of_version(name, sha256)
+        report = self.compatibility(name, path)
+        report.raise_for_errors(f"dictionary {name!r}")
+        # object directories never change: a version found by its hash needs no second reading
+        served = {"sha256": sha256 or file_sha256(path / "sae.safetensors"), "path": path,
                   **DictionaryStore.describe(path)}
-        return self.store.load_path(path, device=self.config.device), warnings, served
+        return self.store.load_path(path, device=self.config.device), report.warnings, served
 
     def _install(self, name: str, dictionary, warnings: list[str], served: dict) -> None:
         from dictionaries.statistics import max_activations
@@ -140,10 +152,7 @@ class ModelServer:
         """Load (or reload) ``name`` from the store — exactly version ``sha256`` when given;
         requests admitted from the next step on use it (rows already running keep the weights
         they started with)."""
-        dictionary, warnings, served = self._read(name)
-        if sha256 is not None and served["sha256"] != sha256:
-            raise ValueError(f"the store now holds version {served['sha256'][:12]}… of {name!r}, not the deployed "
-                             f"{sha256[:12]}… (it was replaced meanwhile): deploy it again")
+        dictionary, warnings, served = self._read(name, sha256)
         self.between_steps(lambda: self._install(name, dictionary, warnings, served))
 
     def drop_dictionary(self, name: str) -> None:

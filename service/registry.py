@@ -14,7 +14,8 @@ with. Each heartbeat also carries the replica's metrics text, which ``GET /metri
 
 Each build of the app has a token: the first replica of a new build resets the desired state
 to what its configuration loaded; replicas of the same build that restart find the state
-(with any hot deployments) as it was.
+(with any hot deployments) as it was, and load exactly those versions — the store keeps each
+deployed version (pinned) until it is no longer served, whatever was uploaded since.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class Registry:
         if state is None or state["token"] != token:
             version = (state["version"] + 1) if state else 1
             self.desired[model] = state = {"version": version, "names": dict(loaded), "token": token}
+            return {**state, "reset": True}  # the caller starts this build: it pins what it loaded
         return state
 
     def state(self, model: str) -> dict:

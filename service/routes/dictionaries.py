@@ -111,17 +111,19 @@ class DictionaryRoutes:
         from dictionaries.store import DictionaryStore
         from service.registry import registry, running_replicas
 
+        from dictionaries.format import WEIGHTS_FILE, file_sha256
+
         model_name, handle = self._handle(model)
-        sha256 = None
+        store, sha256, path = DictionaryStore(), None, None
         if deployed:
-            store = DictionaryStore()
             if name not in store:
                 raise ApiError(404, f"no dictionary named {name!r} in the store", type="not_found_error", param="name")
             check = await handle.check_dictionary.remote(name)
             if check["errors"]:
                 raise ApiError(400, f"dictionary {name!r} cannot be served by {model_name!r}: "
                                     + "; ".join(check["errors"]), param="name")
-            sha256 = await asyncio.to_thread(store.version, name)
+            path = await asyncio.to_thread(store.path, name)  # this object directory is the version deployed
+            sha256 = await asyncio.to_thread(file_sha256, path / WEIGHTS_FILE)
         actor = registry(self.registry_name)
         before = (await actor.state.remote(model_name))["names"].get(name)
         version = await actor.change.remote(model_name, name, sha256)
@@ -144,6 +146,11 @@ class DictionaryRoutes:
             message = next(iter(failures.values()))
             raise ApiError(409 if "replaced meanwhile" in message else 400,
                            f"dictionary {name!r} failed to load: {message}", param="name")
+        # the store keeps the served version while it is served (a restarting replica loads it)
+        if deployed:
+            await asyncio.to_thread(store.pin, self.registry_name, model_name, name, path)
+        else:
+            await asyncio.to_thread(store.unpin, self.registry_name, model_name, name)
         return {"dictionary": name, "model": model_name, "deployed": deployed, "sha256": sha256,
                 "replicas": progress["replicas"], "version": version,
                 "served": {replica: served.get(name) for replica, served in progress["served"].items()}}

@@ -149,3 +149,52 @@ def test_compatibility_with_a_loaded_model(small_model):
     report = check_compatibility(other_model, **facts)
     assert report.ok and len(report.warnings) == 2
     assert "trained on model 'EleutherAI/pythia-70m'" in report.warnings[0]
+
+
+def test_a_served_version_is_kept_while_it_is_pinned(store):
+    """A deploy pins the object it serves: a later put of the name keeps it (a restarting replica
+    finds it by version), until the pin moves or goes."""
+    from dictionaries.format import WEIGHTS_FILE, file_sha256
+
+    app, model = "registry-app", "pythia-tiny"
+    first = make("relu", seed=1)
+    store.put("l1", first)
+    served, version = store.path("l1"), store.version("l1")
+    store.pin(app, model, "l1", served)
+    store.put("l1", make("relu", seed=2))  # uploaded, not deployed
+    assert store.version("l1") != version and served.is_dir()
+    assert store.path_of_version("l1", version) == served
+    assert torch.equal(store.load_path(store.path_of_version("l1", version)).W_dec, first.W_dec)
+    assert store.path_of_version("l1", store.version("l1")) == store.path("l1")
+    assert store.pins(app, model) == {"l1": served} and store.pins("registry-other", model) == {}
+    assert served.name in {p.name for p in (store.root / ".objects").iterdir()}
+    store.cleanup(stale_after=0)  # a pinned object is in use
+    assert served.is_dir()
+    # the pin moves to the new version: the old object goes
+    current = store.path("l1")
+    store.pin(app, model, "l1", current)
+    assert not served.exists()
+    with pytest.raises(DictionaryError, match="replaced meanwhile"):
+        store.path_of_version("l1", version)
+    # a deleted name's object stays while pinned; unpinning releases it
+    store.delete("l1")
+    assert current.is_dir() and "l1" not in store
+    assert file_sha256(store.path_of_version("l1", file_sha256(current / WEIGHTS_FILE)) / WEIGHTS_FILE)
+    store.unpin(app, model, "l1")
+    assert not current.exists() and not list((store.root / ".objects").iterdir())
+
+
+def test_deleting_an_app_releases_its_pins(store):
+    store.put("a", make("relu", seed=1))
+    store.put("b", make("topk", seed=2))
+    a, b = store.path("a"), store.path("b")
+    store.pin("registry-x", "m1", "a", a)
+    store.pin("registry-x", "m2", "b", b)
+    store.pin("registry-y", "m1", "a", a)
+    store.put("a", make("relu", seed=3))
+    store.put("b", make("topk", seed=4))
+    assert a.is_dir() and b.is_dir()
+    store.unpin_app("registry-x")
+    assert a.is_dir() and not b.exists()  # another app still serves a
+    store.unpin_app("registry-y")
+    assert not a.exists() and store.pins("registry-x", "m1") == {}

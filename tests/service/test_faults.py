@@ -106,6 +106,44 @@ def test_a_model_replica_killed_under_load(faults):
     assert requests.get(faults + "/healthz", timeout=60).json()["status"] == "ok"
 
 
+def test_a_restarted_replica_serves_the_deployed_version_not_a_newer_upload(faults, tmp_path, pythia_tiny):
+    """Upload and deploy v1, upload v2 without deploying it, kill the replica: the one that comes back
+    serves v1 (the store kept it, pinned), as the rest of the fleet would; deploying serves v2."""
+    import ray
+
+    from editing.edits import EditSpec
+    from editing.engine import Engine, GenerationRequest
+
+    store, name = DictionaryStore(), "fault-restart"
+    edit = {"dictionary": name, "feature": 3, "op": "set", "value": 6.0}
+    v1 = _parts(tmp_path, 5, "v1")
+    assert requests.put(f"{faults}/v1/dictionaries/{name}", files=v1, headers=ADMIN, timeout=120).status_code == 200
+    deployed = requests.post(f"{faults}/v1/dictionaries/{name}/deploy", headers=ADMIN, timeout=180).json()
+    first, served_path = deployed["sha256"], store.path(name)
+    [expected] = Engine(pythia_tiny.model, pythia_tiny.tokenizer, {name: store.load(name)}).generate(
+        [GenerationRequest("Return the number of", max_new_tokens=6, edits=(EditSpec(**edit),))])
+    assert _generate(faults, [edit]).json()["tokens"] == expected.tokens
+    second = requests.put(f"{faults}/v1/dictionaries/{name}", files=_parts(tmp_path, 6, "v2"), headers=ADMIN,
+                          timeout=120).json()["sha256"]
+    assert second != first and served_path.is_dir()  # kept: it is what the fleet serves
+
+    [replica] = _replicas("model-pythia-tiny")
+    ray.kill(ray.get_actor(replica["actor_name"], namespace="serve"))
+    assert _until(lambda: [r for r in _replicas("model-pythia-tiny") if r["replica_id"] != replica["replica_id"]], 240)
+    assert _until(lambda: _generate(faults, [edit]).status_code == 200, 120)
+    card = requests.get(faults + "/v1/models", headers=USER, timeout=60).json()["data"][0]
+    print(f"\nreplica restarted after a newer upload: serves {card['dictionary_sha256'][name][:12]}, deployed "
+          f"{first[:12]}, uploaded since {second[:12]}")
+    assert card["dictionary_sha256"][name] == first
+    assert _generate(faults, [edit]).json()["tokens"] == expected.tokens
+    assert requests.get(f"{faults}/v1/dictionaries/{name}", headers=USER, timeout=60).json()["sha256"] == first
+    redeployed = requests.post(f"{faults}/v1/dictionaries/{name}/deploy", headers=ADMIN, timeout=180).json()
+    assert set(redeployed["served"].values()) == {second}
+    assert not served_path.exists()  # no longer served, no longer named: gone
+    assert requests.delete(f"{faults}/v1/dictionaries/{name}/deploy", headers=ADMIN, timeout=180).status_code == 200
+    assert name in store and not _leftovers(store, name)
+
+
 # --- a job's task killed ----------------------------------------------------------------------------------
 
 def _task_pids(job_id: str) -> list[int]:
