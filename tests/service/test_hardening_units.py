@@ -86,14 +86,25 @@ def test_build_app_refuses_when_serve_listens_off_loopback(monkeypatch):
     app_module.build_app(app_module.AppArgs(api_keys=[{"key": "k" * 12, "role": "admin"}]))
 
 
-def test_the_kuberay_manifest_takes_keys_from_a_secret_and_keeps_the_dashboard_on_loopback():
+def test_the_kuberay_manifest_takes_keys_from_a_secret_and_fences_the_dashboard():
+    """Keys from a Secret; the dashboard reachable by the KubeRay operator only (it sends the Serve
+    config there, so it cannot be on loopback), the world reaching the Serve port only."""
     import yaml
 
     from tests.conftest import REPO
 
-    manifest = yaml.safe_load((REPO / "deploy" / "kuberay.yaml").read_text())
+    manifest, policy = yaml.safe_load_all((REPO / "deploy" / "kuberay.yaml").read_text())
     head = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]
-    assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+    assert policy["kind"] == "NetworkPolicy" and policy["spec"]["policyTypes"] == ["Ingress"]
+    ray_pods = policy["spec"]["podSelector"]["matchLabels"]
+    open_rules = [rule for rule in policy["spec"]["ingress"] if "from" not in rule]
+    assert [[p["port"] for p in rule["ports"]] for rule in open_rules] == [[8000]]  # the world: Serve only
+    dashboard = [rule for rule in policy["spec"]["ingress"] if any(p["port"] == 8265 for p in rule.get("ports", []))]
+    assert [source["podSelector"]["matchLabels"] for rule in dashboard for source in rule["from"]] == \
+        [{"app.kubernetes.io/name": "kuberay-operator"}]
+    among_ray = [rule for rule in policy["spec"]["ingress"] if "ports" not in rule]
+    assert [source["podSelector"]["matchLabels"] for rule in among_ray for source in rule["from"]] == [ray_pods]
+    assert all("namespaceSelector" not in source for rule in among_ray for source in rule["from"])
     env = {e["name"]: e for e in head["template"]["spec"]["containers"][0]["env"]}
     assert "STEERSERVE_API_KEYS" not in env and env["STEERSERVE_API_KEYS_FILE"]["value"].startswith("/")
     volumes = {v["name"]: v for v in head["template"]["spec"]["volumes"]}
