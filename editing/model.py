@@ -123,7 +123,7 @@ def load_model(
     path = resolve_model_dir(name, progress=progress)
     config = check_gpt_neox(path)
     torch_dtype = parse_dtype(dtype)
-    model = GPTNeoXForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    model = GPTNeoXForCausalLM.from_pretrained(path, dtype=torch_dtype, use_safetensors=True)  # never a pickled .bin
     model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:

@@ -125,7 +125,7 @@ class HttpApi(GenerationRoutes, DictionaryRoutes, JobRoutes, SteeringRoutes, Pag
         replicas = await registry(self.registry_name).metrics.remote()
         return PlainTextResponse(exposition(METRICS.text(), replicas), media_type="text/plain; version=0.0.4")
 
-    @route("GET", "/v1/models", role="user")
+    @route("GET", "/v1/models", role="user", errors=(503,))
     async def list_models(self, request: Request) -> dict:
         """The served models, then every steering preset as ``BASE+PRESET`` (usable as a model)."""
         cards = [_unwrap(await handle.describe.remote()) for handle in self.models.values()]

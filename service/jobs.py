@@ -94,12 +94,32 @@ class JobStore:
         db.row_factory = sqlite3.Row
         return db
 
-    def create(self, kind: str, request: dict, owner: str | None = None, launcher: str | None = None) -> str:
-        job_id = f"{kind[:4]}-{uuid.uuid4().hex[:16]}"
+    @staticmethod
+    def new_id(kind: str) -> str:
+        return f"{kind[:4]}-{uuid.uuid4().hex[:16]}"
+
+    def create(self, kind: str, request: dict, owner: str | None = None, launcher: str | None = None, *,
+               job_id: str | None = None, limit: int | None = None) -> str | None:
+        """A new ``queued`` record; with ``limit``, only if the owner has fewer than ``limit`` jobs
+        queued or running — counted and inserted in one transaction, so concurrent submits of one
+        key cannot pass the quota together (None when over it)."""
+        job_id = job_id or self.new_id(kind)
         with self._connect(REQUEST_TIMEOUT_S) as db:
-            db.execute("INSERT INTO jobs (id, kind, status, request, created, owner, launcher) "
-                       "VALUES (?, ?, 'queued', ?, ?, ?, ?)", (job_id, kind, json.dumps(request), time.time(), owner,
-                                                             launcher))
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                if limit is not None and db.execute(
+                        "SELECT COUNT(*) FROM jobs WHERE owner = ? AND status IN ('queued', 'running')",
+                        (owner,)).fetchone()[0] >= limit:
+                    db.execute("ROLLBACK")
+                    return None
+                db.execute("INSERT INTO jobs (id, kind, status, request, created, owner, launcher) "
+                           "VALUES (?, ?, 'queued', ?, ?, ?, ?)", (job_id, kind, json.dumps(request), time.time(),
+                                                                 owner, launcher))
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
         return job_id
 
     def active(self, owner: str) -> int:

@@ -18,6 +18,7 @@ from service.jobs import FINISHED, redact_paths
 
 logger = logging.getLogger(__name__)
 FINISH_ATTEMPTS = 20
+QUOTA_RETRY_S = 30
 
 
 class JobLauncher:
@@ -27,7 +28,19 @@ class JobLauncher:
         from service import jobs
         from service.model_server import environment_for_workers
 
-        job_id = await self._records(self.jobs.create, kind, request, owner, self.launcher_id)
+        # the id is held before the record exists: a listing that reads the new record meanwhile
+        # must not take it for a job whose task is gone (see _reconciled)
+        job_id = self.jobs.new_id(kind)
+        self.tasks[job_id] = None
+        try:
+            created = await self._records(self.jobs.create, kind, request, owner, self.launcher_id, job_id=job_id,
+                                          limit=self.limits.max_jobs_per_key)
+        except BaseException:
+            self.tasks.pop(job_id, None)
+            raise
+        if created is None:
+            self.tasks.pop(job_id, None)
+            raise self._over_quota(self.limits.max_jobs_per_key)
         task = ray.remote(num_cpus=self.limits.job_cpus, max_retries=0)(getattr(jobs, work_name)).options(
             runtime_env={"env_vars": environment_for_workers()}, name=f"steerserve-{job_id}")
         ref = task.remote(job_id, request)

@@ -113,7 +113,7 @@ class PageRoutes:
             return {"role": "admin", "name": None, "open": True}
         return {"role": key.role, "name": key.name, "open": False}
 
-    @route("GET", "/v1/dictionaries/{name}/features", role="user", errors=(400, 404, 409),
+    @route("GET", "/v1/dictionaries/{name}/features", role="user", errors=(400, 404, 409, 503),
            openapi_extra={"parameters": _SEARCH_PARAMETERS}, response_model=FeatureSearchResponse)
     async def search_features(self, name: str, request: Request) -> dict:
         """Rank a dictionary's features by matches of `q` in their promoted logit-lens tokens and top-context

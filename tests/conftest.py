@@ -97,3 +97,21 @@ def default_dictionary(pythia_tiny):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+SUITE_REPORT: list[str] = []
+
+
+def report(line: str) -> None:
+    """Record ``line`` for the summary that ends every run: the adversarial suite's counts
+    (operations fuzzed, requests under load, faults and what each ended with) show in
+    ``make test``'s output, not only under ``-s``."""
+    SUITE_REPORT.append(line)
+    print("\n" + line)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if SUITE_REPORT:
+        terminalreporter.section("counts")
+        for line in SUITE_REPORT:
+            terminalreporter.write_line(line)

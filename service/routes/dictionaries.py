@@ -29,7 +29,7 @@ DEPLOY_BODY = {"required": False, "content": {"application/json": {"schema": {
 
 
 class DictionaryRoutes:
-    @route("GET", "/v1/dictionaries", role="user")
+    @route("GET", "/v1/dictionaries", role="user", errors=(503,))
     async def list_dictionaries(self, request: Request) -> dict:
         entries = []
         for handle in self.models.values():
@@ -38,11 +38,11 @@ class DictionaryRoutes:
             entries += await asyncio.to_thread(stored_dictionaries, entries)
         return {"object": "list", "data": entries}
 
-    @route("GET", "/v1/dictionaries/{name}", role="user", errors=(404,))
+    @route("GET", "/v1/dictionaries/{name}", role="user", errors=(404, 503))
     async def get_dictionary(self, name: str, request: Request) -> dict:
         return await self._first_with(name, lambda handle: handle.dictionary.remote(name))
 
-    @route("GET", "/v1/dictionaries/{name}/features/{index}", role="user", errors=(400, 404))
+    @route("GET", "/v1/dictionaries/{name}/features/{index}", role="user", errors=(400, 404, 503))
     async def get_feature(self, name: str, index: int, request: Request) -> dict:
         return await self._first_with(name, lambda handle: handle.feature.remote(name, index))
 

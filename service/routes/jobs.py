@@ -64,13 +64,21 @@ class JobRoutes(JobLauncher):
         await self._records(self.jobs.finish, job_id, "cancelled", message="cancelled by the caller")
         return await self._job(request, kind, job_id)
 
+    @staticmethod
+    def _over_quota(limit: int) -> ApiError:
+        from service.launcher import QUOTA_RETRY_S
+
+        return ApiError(429, f"you have {limit} jobs queued or running, the most a key may have: wait for one "
+                             "to finish or cancel one", type="rate_limit_error",
+                        headers={"Retry-After": str(QUOTA_RETRY_S)})
+
     async def _quota(self, request: Request) -> str:
+        """The caller's name, when under the job quota (checked again, atomically, as the record
+        is created)."""
         owner, _ = identity(request.state.caller)
         active = await self._records(self.jobs.active, owner)
         if active >= self.limits.max_jobs_per_key:
-            raise ApiError(429, f"{active} of your jobs are queued or running; the limit is "
-                                f"{self.limits.max_jobs_per_key} a key: wait for one to finish or cancel one",
-                           type="rate_limit_error", headers={"Retry-After": "30"})
+            raise self._over_quota(self.limits.max_jobs_per_key)
         return owner
 
     @route("POST", "/v1/evaluations", role="user", errors=(400, 404, 409, 503), body=EvaluationJobRequest, ok=202)

@@ -47,7 +47,7 @@ class PresetRoutes:
                  "description": preset.get("description", ""), "edits": preset["edits"]}
                 for preset in PresetStore().all() if preset["model"] in self.models]
 
-    @route("PUT", "/v1/presets/{name}", role="admin", errors=(400, 404, 409), body=PresetRequest)
+    @route("PUT", "/v1/presets/{name}", role="admin", errors=(400, 404, 409, 503), body=PresetRequest)
     async def put_preset(self, name: str, request: Request) -> dict:
         """Store (or replace) a preset (admin). Its edits are checked against the dictionaries
         its model serves now."""

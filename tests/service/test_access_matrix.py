@@ -8,7 +8,7 @@ import pytest
 import requests
 
 from service.routes import table
-from tests.conftest import REPO
+from tests.conftest import REPO, report
 from tests.service.conftest import ADMIN_KEY, SLOW_KEY, USER_KEY, auth, start_keyed_app
 
 DEFAULT = "pythia-tiny-l2"
@@ -101,7 +101,7 @@ def test_the_access_matrix(keyed):
             if answer.status_code == 429:
                 assert int(answer.headers["Retry-After"]) >= 1
     wrong = [o for o in outcomes if o[3] != o[4]]
-    print(f"\naccess matrix: {len(all_routes())} routes x {len(CALLERS)} callers = {len(outcomes)} requests, "
+    report(f"access matrix: {len(all_routes())} routes x {len(CALLERS)} callers = {len(outcomes)} requests, "
           f"{len(outcomes) - len(wrong)} as expected")
     assert not wrong, wrong
 

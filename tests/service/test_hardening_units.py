@@ -272,3 +272,64 @@ def test_a_metrics_file_that_is_not_an_object_is_refused(tmp_path):
     with pytest.raises(DictionaryError, match="metrics.json: must be a JSON object"):
         store.put("listy", tmp_path / "src")
     assert store.names() == []
+
+
+# --- 5. health reflects liveness, never waits for the model ----------------------------------------
+
+def test_health_is_answered_while_the_engine_is_busy_and_fails_when_it_is_stuck():
+    import threading
+    import time
+
+    from editing.engine.loop import EngineLoop
+
+    class Idle:
+        def has_work(self):
+            return False
+
+    loop = EngineLoop(Idle())
+    release = threading.Event()
+    try:
+        busy = loop.call(release.wait)  # the engine's thread is inside a long piece of work
+        time.sleep(0.3)
+        answered = []
+        checker = threading.Thread(target=lambda: answered.append(loop.alive(60.0)))
+        checker.start()
+        checker.join(timeout=30)
+        assert answered == [True]  # answered without waiting for the work to end: it is alive
+        assert not loop.alive(0.2)  # but a loop stuck longer than the bound is reported as such
+        release.set()
+        busy.result(timeout=30)
+        deadline = time.monotonic() + 30
+        while not loop.alive(0.2) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert loop.alive(0.2)
+    finally:
+        release.set()
+        loop.stop()
+
+
+# --- 4. a job quota that concurrent submits cannot pass together -----------------------------------
+
+def test_concurrent_submits_of_one_key_never_pass_the_quota_together(tmp_path):
+    import threading
+
+    from service.jobs import JobStore
+
+    store = JobStore(tmp_path / "jobs.sqlite")
+    barrier, created = threading.Barrier(8), []
+
+    def submit(owner):
+        barrier.wait()
+        created.append((owner, JobStore(store.path).create("evaluation", {}, owner, "here", limit=2)))
+
+    threads = [threading.Thread(target=submit, args=("alice" if i % 4 else "bob",)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    accepted = [owner for owner, job_id in created if job_id is not None]
+    assert len(created) == 8 and sorted(accepted) == ["alice", "alice", "bob", "bob"]
+    assert store.active("alice") == 2 and store.active("bob") == 2
+    for job in store.list("evaluation", owner="alice"):
+        store.finish(job["id"], "cancelled")
+    assert store.create("evaluation", {}, "alice", "here", limit=2) is not None  # finished jobs no longer count

@@ -10,6 +10,8 @@ import time
 
 import requests
 
+from tests.conftest import report
+
 DEFAULT = "pythia-tiny-l2"
 CLIENTS = 64
 SECONDS = 30.0  # how long new requests are started; those in flight then finish
@@ -58,7 +60,15 @@ def _one(url: str, kind: str, method: str, path: str, body, stream: bool) -> str
         return "ok"
 
 
+def _cancellations(url: str) -> float:
+    """The scheduler's cancellations so far (every model replica's, from /metrics)."""
+    text = requests.get(url + "/metrics", timeout=60).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("steerserve_cancellations_total"))
+
+
 def test_64_clients_mixed_load(server):
+    cancelled_before = _cancellations(server)
     deadline = time.time() + SECONDS
     counts: collections.Counter = collections.Counter()
     outcomes: collections.Counter = collections.Counter()
@@ -81,11 +91,17 @@ def test_64_clients_mixed_load(server):
         thread.join(timeout=600)
     assert not any(thread.is_alive() for thread in threads)
     total = sum(counts.values())
-    print(f"\nload: {CLIENTS} clients for {SECONDS:.0f} s: {total} requests; by kind {dict(sorted(counts.items()))}; "
+    report(f"load: {CLIENTS} clients for {SECONDS:.0f} s: {total} requests; by kind {dict(sorted(counts.items()))}; "
           f"outcomes {dict(sorted(outcomes.items()))}")
     assert sum(outcomes.values()) == total
     assert set(outcomes) <= {"ok", "refused", "cancelled"}, outcomes  # 0 lost, 0 5xx, 0 broken streams
-    assert outcomes["ok"] > 0 and all(counts[kind] > 0 for kind, *_ in _kinds(0))
+    assert all(counts[kind] > 0 for kind, *_ in _kinds(0))
+    # refusals (429/503 with Retry-After) are allowed, but the service must do the work it admits
+    assert outcomes["ok"] >= total // 2, outcomes
+    # the clients that left mid-stream were cancelled inside the scheduler, not run to the end
+    cancelled = _cancellations(server) - cancelled_before
+    report(f"load: scheduler cancellations during the run: {cancelled:.0f} (clients that left: {outcomes['cancelled']})")
+    assert cancelled >= 1
     assert requests.get(server + "/healthz", timeout=60).json()["status"] == "ok"
     after = requests.post(server + "/v1/generate", json={"prompt": "x", "max_new_tokens": 2, "edits": EDIT}, timeout=60)
     assert after.status_code == 200

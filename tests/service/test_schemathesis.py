@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.conftest import report
+
 from tests.service.conftest import ADMIN_KEY, USER_KEY, auth, start_keyed_app
 
 EXAMPLES = 100
@@ -49,7 +51,7 @@ def test_schemathesis_finds_nothing(fuzzed, role, key, tmp_path):
     code, output = _schemathesis(fuzzed, key, tmp_path)
     operations = re.search(r"Selected: (\d+)/(\d+)", output)
     cases = re.search(r"(\d+) generated, (\d+) passed", output)
-    print(f"\nschemathesis as {role}: {operations.group(1) if operations else '?'} operations, "
+    report(f"schemathesis as {role}: {operations.group(1) if operations else '?'} operations, "
           f"{cases.group(1) if cases else '?'} cases generated, {cases.group(2) if cases else '?'} passed "
           f"({EXAMPLES} examples an operation in fuzzing, plus examples and coverage cases)")
     assert code == 0, output[-8000:]
