@@ -154,6 +154,12 @@ class Client:
     def feature(self, name: str, index: int) -> dict:
         return self._json("GET", f"/v1/dictionaries/{name}/features/{index}")
 
+    def search_features(self, name: str, query: str, *, limit: int = 10) -> list[dict]:
+        """Features of ``name`` whose promoted tokens or top contexts match ``query``, best first."""
+        from urllib.parse import urlencode
+
+        return self._json("GET", f"/v1/dictionaries/{name}/features?" + urlencode({"q": query, "limit": limit}))["data"]
+
     def generate(self, prompt: str, *, model: str | None = None, max_new_tokens: int = 32, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: list[str] | None = None,
                  edits: list[dict] = (), include_baseline: bool = False,

@@ -38,9 +38,15 @@ def _list(args) -> int:
 
 
 def _label(edit: dict) -> str:
+    """One stored edit in the CLI's ``--edit`` form: feature or vector, value and unit, positions, condition."""
+    unit = {"max_activation": ",unit=max", "residual_norm": ",unit=norm"}.get(edit.get("value_unit", "raw"), "")
     value = "" if edit.get("value") is None else f":{edit['value']:g}"
     positions = "" if edit.get("positions", "all") == "all" else f"@{edit['positions']}"
-    return f"{edit['dictionary']}:{edit['feature']}:{edit['op']}{value}{positions}"
+    when = edit.get("when")
+    condition = "" if not when else (f",when={when['dictionary']}:{when['feature']}"
+                                     + (f">{when['above']:g}" if when.get("above") is not None else f"<{when['below']:g}"))
+    target = f"vector:{edit['vector']}" if edit["op"] == "vector" else f"{edit['dictionary']}:{edit['feature']}:{edit['op']}"
+    return f"{target}{value}{positions}{unit}{condition}"
 
 
 def _show(args) -> int:

@@ -81,7 +81,28 @@ def _inspect(args) -> int:
     return 0
 
 
+def _search_features(args) -> int:
+    hits = _client(args).search_features(args.name, args.search, limit=args.limit)
+    if args.json:
+        print(json.dumps(hits, indent=2))
+        return 0
+    if not hits:
+        print(f"no feature of {args.name} matches {args.search!r}")
+    for hit in hits:
+        promoted = " ".join(repr(t["token"]) for t in hit["promoted"][:5])
+        snippet = (hit.get("snippet") or {}).get("text", "")
+        print(f"{hit['feature']:>6}  score {hit['score']:.3f}  density {hit['density']:.4%}  promotes {promoted}")
+        if snippet:
+            print(f"        {snippet!r}")
+    return 0
+
+
 def _features(args) -> int:
+    if args.search is not None:
+        return _search_features(args)
+    if args.index is None:
+        print("steerserve features: give a feature INDEX, or --search WORDS", file=sys.stderr)
+        return 2
     out = _client(args).feature(args.name, args.index)
     if args.json or out.get("top_contexts") is None:
         print(json.dumps(out, indent=2))
@@ -206,8 +227,12 @@ def add_commands(commands) -> None:
         common(parser)
         parser.set_defaults(handler=_deploy)
 
-    features = commands.add_parser("features", help="one feature: density, top contexts, logit lens")
+    features = commands.add_parser("features", help="one feature: density, top contexts, logit lens; or search "
+                                                    "features by words (--search)")
     features.add_argument("name")
-    features.add_argument("index", type=int)
+    features.add_argument("index", type=int, nargs="?")
+    features.add_argument("--search", metavar="WORDS", help="rank features by WORDS in their promoted tokens and "
+                                                             "top contexts (GET /v1/dictionaries/NAME/features?q=)")
+    features.add_argument("--limit", type=int, default=10, help="with --search: how many hits")
     common(features)
     features.set_defaults(handler=_features)

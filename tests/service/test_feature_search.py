@@ -193,6 +193,26 @@ def test_search_over_http_returns_the_features_statistics(server, default_index)
     assert "lineno" in hit["snippet"]["text"][slice(*hit["snippet"]["match"])].casefold()
 
 
+def test_the_client_and_the_cli_search_features(server, default_index):
+    import subprocess
+    import sys
+
+    from clients.client import Client
+    from tests.conftest import REPO
+
+    hits = Client(server).search_features(DEFAULT, "lineno", limit=3)
+    assert hits == default_index.search("lineno", 3)["data"]
+    cli = subprocess.run([sys.executable, "-m", "clients.cli", "features", DEFAULT, "--search", "lineno", "--limit", "3",
+                          "--server", server], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0, cli.stderr
+    lines = [line for line in cli.stdout.splitlines() if "score" in line]
+    assert [int(line.split()[0]) for line in lines] == [hit["feature"] for hit in hits]
+    assert repr(hits[0]["snippet"]["text"]) in cli.stdout
+    missing = subprocess.run([sys.executable, "-m", "clients.cli", "features", DEFAULT, "--server", server], cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "--search" in missing.stderr
+
+
 def test_search_over_http_finds_a_feature_by_context_word_and_by_promoted_token(server, default_index):
     feature = 7
     word = _word_at_peak(default_index, feature)

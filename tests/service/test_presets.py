@@ -158,12 +158,14 @@ def preset_dictionary():
 def test_cli_manages_presets(server, capsys):
     from clients.cli import main
 
+    conditional = f"{DEFAULT}:5:set:2@generated,unit=max,when=random-l1:3>0.5"
     assert main(["preset", "put", "cli-demo", "--edit", f"{DEFAULT}:11:set:6", "--edit", f"{DEFAULT}:3:ablate@prompt",
-                 "--description", "from the CLI", "--server", server]) == 0
+                 "--edit", conditional, "--description", "from the CLI", "--server", server]) == 0
     assert '"model": "pythia-tiny+cli-demo"' in capsys.readouterr().out
     assert main(["preset", "list", "--server", server]) == 0
     listed = capsys.readouterr().out
     assert "pythia-tiny+cli-demo" in listed and f"{DEFAULT}:3:ablate@prompt" in listed and "from the CLI" in listed
+    assert conditional in listed  # units and conditions are listed in the form --edit takes
     assert main(["preset", "show", "cli-demo", "--server", server]) == 0
     from editing.edits import EditSpec
 
