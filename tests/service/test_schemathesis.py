@@ -2,7 +2,7 @@
 operation, as a user and as an admin, with ``--checks all``; it must find 0 failures.
 
 Bounded: ``EXAMPLES`` generated cases an operation in the fuzzing phase (plus schemathesis's
-own examples and coverage cases), one seed, loopback only, a 10 s timeout a request.
+own examples and coverage cases), one seed, loopback only, a 30 s timeout a request.
 """
 
 import re
@@ -14,7 +14,6 @@ import pytest
 import requests
 
 from tests.conftest import report
-
 from tests.service.conftest import ADMIN_KEY, USER_KEY, auth, start_keyed_app
 
 EXAMPLES = 100
