@@ -120,12 +120,13 @@ export function upload(method, path, form, onProgress) {
   });
 }
 
-// POST /v1/completions with stream: true. onDelta(text, chunk) for every event; resolves with
-// {text, final, chunks} once "data: [DONE]" arrives; the final chunk carries usage and edit_report.
-export async function streamCompletion(body, { onDelta, signal } = {}) {
+// POST /v1/generate with stream: true. onEvent(event) for every server-sent event: a step's
+// {delta, token_ids} and, last, the full response (it has an "id", and the last step's delta);
+// resolves with that full response once "data: [DONE]" arrives.
+export async function streamGenerate(body, { onEvent, signal } = {}) {
   let response;
   try {
-    response = await fetch(apiUrl("v1/completions"), {
+    response = await fetch(apiUrl("v1/generate"), {
       method: "POST", headers: headers(), body: JSON.stringify({ ...body, stream: true }), signal,
     });
   } catch (err) {
@@ -136,9 +137,7 @@ export async function streamCompletion(body, { onDelta, signal } = {}) {
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
-  let text = "";
   let final = null;
-  let chunks = 0;
   for (;;) {
     const { value, done } = await reader.read();
     if (done) break;
@@ -150,14 +149,14 @@ export async function streamCompletion(body, { onDelta, signal } = {}) {
       for (const line of event.split("\n")) {
         if (!line.startsWith("data: ")) continue;
         const data = line.slice("data: ".length);
-        if (data === "[DONE]") return { text, final, chunks };
-        const chunk = JSON.parse(data);
-        if (chunk.error) throw new ApiFailure(500, chunk.error.type, chunk.error.message, chunk.error.param);
-        const delta = chunk.choices[0].text;
-        text += delta;
-        chunks += 1;
-        if (chunk.choices[0].finish_reason) final = chunk;
-        onDelta?.(delta, chunk);
+        if (data === "[DONE]") {
+          if (final) return final;
+          throw new ApiFailure(0, "stream_error", "the stream ended without its full response", null);
+        }
+        const message = JSON.parse(data);
+        if (message.error) throw new ApiFailure(500, message.error.type, message.error.message, message.error.param);
+        if (message.id !== undefined) final = message;
+        onEvent?.(message);
       }
     }
   }

@@ -148,33 +148,85 @@ export function tokenSpan(token, activation, fraction, { breakLines = false, tit
   });
 }
 
+// The one drag in progress (a span being selected); released wherever the mouse button goes up.
+let releaseDrag = null;
+document.addEventListener("mouseup", () => releaseDrag?.());
+
 // Arrow-key navigation over a list of tokens: one tab stop, Left/Right/Home/End move, Enter/Space picks.
-export function rovingTokens(container, tokens, { onFocus, onPick, label } = {}) {
+// With onSpan, a span of tokens can be selected too: shift+click or shift+arrows from the picked
+// token, or a drag across tokens; onSpan(first, last) is called with the span's ends, in order.
+export function rovingTokens(container, tokens, { onFocus, onPick, onSpan, label } = {}) {
   container.setAttribute("role", "listbox");
   container.setAttribute("aria-label", label || "Tokens");
   container.setAttribute("aria-orientation", "horizontal");
+  if (onSpan) container.setAttribute("aria-multiselectable", "true");
+  let anchor = null; // the picked token: where a span starts
+  let dragFrom = null;
+  let dragTo = null;
+  let dragged = false;
   tokens.forEach((token, i) => {
     token.setAttribute("role", "option");
     token.setAttribute("tabindex", i === 0 ? "0" : "-1");
     token.setAttribute("aria-selected", "false");
     token.dataset.index = i;
     token.addEventListener("focus", () => onFocus?.(token, i));
-    token.addEventListener("mouseenter", () => onFocus?.(token, i));
-    token.addEventListener("click", () => pick(i));
+    token.addEventListener("mouseenter", () => {
+      onFocus?.(token, i);
+      if (dragFrom !== null && (dragTo !== null || i !== dragFrom)) {
+        dragTo = i;
+        mark(dragFrom, i);
+      }
+    });
+    token.addEventListener("mousedown", (event) => {
+      if (onSpan && event.button === 0 && !event.shiftKey) {
+        dragFrom = i;
+        dragTo = null;
+      }
+    });
+    token.addEventListener("click", (event) => {
+      if (dragged) return; // the click that ends a drag
+      if (event.shiftKey && onSpan && anchor !== null) span(anchor, i);
+      else pick(i);
+    });
   });
-  function move(i) {
-    const target = tokens[Math.max(0, Math.min(tokens.length - 1, i))];
-    if (!target) return;
-    for (const token of tokens) token.setAttribute("tabindex", "-1");
-    target.setAttribute("tabindex", "0");
-    target.focus();
+  if (onSpan) {
+    releaseDrag = () => {
+      if (dragFrom !== null && dragTo !== null) {
+        span(dragFrom, dragTo);
+        dragged = true;
+        setTimeout(() => (dragged = false), 0);
+      }
+      dragFrom = null;
+      dragTo = null;
+    };
   }
-  function pick(i) {
-    for (const token of tokens) token.setAttribute("aria-selected", "false");
-    tokens[i].setAttribute("aria-selected", "true");
+  function focusOn(i) {
     for (const token of tokens) token.setAttribute("tabindex", "-1");
     tokens[i].setAttribute("tabindex", "0");
+    tokens[i].focus();
+  }
+  function move(i) {
+    if (tokens.length) focusOn(Math.max(0, Math.min(tokens.length - 1, i)));
+  }
+  function mark(first, last) {
+    const [lo, hi] = first <= last ? [first, last] : [last, first];
+    tokens.forEach((token, i) => {
+      token.setAttribute("aria-selected", String(i >= lo && i <= hi));
+      token.classList.toggle("in-span", lo !== hi && i >= lo && i <= hi);
+    });
+    return [lo, hi];
+  }
+  function pick(i) {
+    anchor = i;
+    mark(i, i);
+    focusOn(i);
     onPick?.(tokens[i], i);
+  }
+  function span(first, last) {
+    anchor = first;
+    const [lo, hi] = mark(first, last);
+    focusOn(last);
+    onSpan(lo, hi);
   }
   // a property, not addEventListener: a container reused for new tokens keeps one handler
   container.onkeydown = (event) => {
@@ -182,13 +234,15 @@ export function rovingTokens(container, tokens, { onFocus, onPick, label } = {})
     const keys = { ArrowRight: i + 1, ArrowDown: i + 1, ArrowLeft: i - 1, ArrowUp: i - 1, Home: 0, End: tokens.length - 1 };
     if (event.key in keys) {
       event.preventDefault();
-      move(keys[event.key]);
+      const target = Math.max(0, Math.min(tokens.length - 1, keys[event.key]));
+      if (event.shiftKey && onSpan) span(anchor ?? i, target);
+      else move(target);
     } else if (event.key === "Enter" || event.key === " ") {
       event.preventDefault();
       pick(i);
     }
   };
-  return { move, pick };
+  return { move, pick, span };
 }
 
 // One tooltip for the page, shown beside a token on hover or keyboard focus.

@@ -6,7 +6,7 @@
 import { cached, loadedDictionaries } from "./api.js";
 import { clear, field, fmt, h, pct, select, tokenSpan, uid, viewError } from "./dom.js";
 import { featureSearch } from "./search.js";
-import { editToText } from "./share.js";
+import { editToText } from "./editspec.js";
 
 function go(hash) {
   window.location.hash = hash;
@@ -56,6 +56,11 @@ export async function render(root, { segments, params }) {
   if (index !== null && info && index < info.d_sae - 1) next.href = `#/feature/${encodeURIComponent(name)}/${index + 1}`;
   else next.setAttribute("aria-disabled", "true");
 
+  const indexError = h("p", { class: "field-error", role: "alert", hidden: true, id: uid("err") });
+  indexInput.setAttribute("aria-describedby", indexError.id);
+  const indexField = h("div", { class: "field", "data-param": "feature" }, h("label", { for: indexInput.id, text: "Feature" }),
+    h("div", { class: "row" }, indexInput, h("button", { type: "button", class: "secondary", text: "Open", onclick: open })),
+    indexError);
   const search = featureSearch({
     dictionary: () => dictSelect.value, label: "Search features", limit: index === null ? 20 : 8,
     placeholder: "e.g. file, lineno, return",
@@ -67,8 +72,7 @@ export async function render(root, { segments, params }) {
   }
   const nav = h("div", { class: "panel feature-nav" },
     h("div", { class: "grid" }, field("Dictionary", dictSelect),
-      h("div", { class: "field" }, h("label", { for: indexInput.id, text: "Feature" }),
-        h("div", { class: "row" }, indexInput, h("button", { type: "button", class: "secondary", text: "Open", onclick: open }))),
+      indexField,
       search.el),
     index === null ? null : h("div", { class: "row" }, prev, next));
 
@@ -86,19 +90,25 @@ export async function render(root, { segments, params }) {
   try {
     feature = await cached(`v1/dictionaries/${encodeURIComponent(name)}/features/${index}`);
   } catch (err) {
-    clear(body, h("p", { class: "form-error", role: "alert", text: err.describe ? err.describe() : String(err) }));
+    // beside the Feature box, which holds what was refused (an index out of range, …)
+    indexError.textContent = err.describe ? err.describe() : String(err);
+    indexError.hidden = false;
+    indexInput.setAttribute("aria-invalid", "true");
+    clear(body, h("p", { class: "hint", text: `No feature ${index} to show: see the message beside the Feature box.` }));
     body.removeAttribute("aria-busy");
     return null;
   }
   body.removeAttribute("aria-busy");
   const peak = feature.top_contexts ? Math.max(0, ...feature.top_contexts.map((c) => c.max_activation)) : 0;
-  const steerValue = Math.round(3 * (peak || 1) * 10) / 10;
+  // 3× its recorded maximum, in the calibrated unit when it has one (a raw 3 otherwise)
+  const steerEdit = { dictionary: name, feature: index, op: "set", value: 3, positions: "all",
+    value_unit: peak > 0 ? "max_activation" : "raw" };
   const steer = h("a", {
     class: "button primary",
-    href: `#/playground?edit=${encodeURIComponent(editToText({ dictionary: name, feature: index, op: "set",
-      value: steerValue, positions: "all" }))}`,
+    href: `#/playground?edit=${encodeURIComponent(editToText(steerEdit))}`,
     text: "Steer with this feature",
-    title: `opens the playground with the edit ${name}:${index}:set:${steerValue} (3× its largest activation)`,
+    title: `opens the playground with the edit ${editToText(steerEdit)}`
+      + (peak > 0 ? ` (3× its largest activation, ${fmt(peak)})` : ""),
   });
   const inspect = h("a", { class: "button secondary", href: `#/inspect?dict=${encodeURIComponent(name)}&feature=${index}`,
     text: "Shade a text by it" });

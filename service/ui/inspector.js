@@ -1,5 +1,7 @@
 // The inspector: a text's tokens shaded by a chosen feature or by each token's strongest
 // feature (POST /v1/inspect); picking a token lists its top features, each linking to its page.
+// Selecting a span of tokens (shift+click, shift+arrows, or a drag) searches by example
+// (POST /v1/search): the features most active on that span, relative to each one's usual maximum.
 
 import { api, loadedDictionaries } from "./api.js";
 import { busy, clear, clearErrors, field, fmt, formError, h, rovingTokens, select, showError, tokenSpan, uid, viewError } from "./dom.js";
@@ -7,6 +9,7 @@ import { busy, clear, clearErrors, field, fmt, formError, h, rovingTokens, selec
 const DEFAULT_TEXT = "Return the number of lines in the file, or raise an exception if it does not exist.";
 const STRONGEST_K = 10;
 const FEATURE_K = 64; // the most /v1/inspect gives; a chosen feature outside a token's top 64 is "below"
+const SEARCH_K = 10;
 
 export async function render(root, { params }) {
   let dictionaries;
@@ -36,7 +39,8 @@ export async function render(root, { params }) {
   const legend = h("p", { class: "hint", role: "status" });
   const tokensView = h("div", { class: "inspect-tokens", "data-testid": "inspect-tokens" });
   const detail = h("aside", { class: "panel token-detail", "aria-label": "Selected token", "data-testid": "token-detail" },
-    h("p", { class: "hint", text: "Pick a token (click, or arrow keys and Enter) to see its top features." }));
+    h("p", { class: "hint", text: "Pick a token (click, or arrow keys and Enter) to see its top features; select a span "
+      + "(shift+click, shift+arrow keys, or drag across tokens) to find the features most active on it." }));
   clear(root, h("h2", { text: "Inspector" }), form,
     h("div", { class: "inspect-layout" }, h("section", { class: "panel" }, legend, tokensView), detail));
 
@@ -49,6 +53,47 @@ export async function render(root, { params }) {
           " ", h("meter", { min: 0, max: top, value: f.activation, "aria-label": `activation of feature ${f.feature}` }),
           " ", h("span", { class: "num", text: fmt(f.activation) }));
       })) : h("p", { text: "No feature is active on this token." }));
+  }
+
+  // Search by example: the features most active on tokens first..last, ranked as the server ranks them.
+  let searching = 0;
+  async function searchSpan(read, name, first, last) {
+    const mine = ++searching;
+    const spanText = read.tokens.slice(first, last + 1).map((t) => t.token).join("");
+    const search = new URLSearchParams(window.location.hash.split("?")[1] || "");
+    search.set("span", `${first}:${last + 1}`);
+    history.replaceState(null, "", `#/inspect?${search}`);
+    clear(detail, h("h3", {}, "Span ", h("code", { text: JSON.stringify(spanText) })),
+      h("p", { class: "hint", role: "status", text: `tokens ${first}–${last} · ${name} · searching…` }));
+    detail.setAttribute("aria-busy", "true");
+    try {
+      const found = await api("POST", "v1/search", { text: read.text, dictionary: name, top_k: SEARCH_K,
+        span: { start: first, end: last + 1, unit: "token" } });
+      if (mine !== searching) return;
+      const relative = found.ranked_by === "relative";
+      clear(detail, h("h3", {}, "Span ", h("code", { text: JSON.stringify(found.span.text) })),
+        h("p", { class: "hint", role: "status", text: `tokens ${found.span.tokens[0]}–${found.span.tokens[1] - 1} · ${name} · `
+          + (relative ? "the features most active here, relative to each one's largest recorded activation"
+            : "the features most active here, by activation") }),
+        found.note ? h("p", { class: "hint", text: found.note }) : null,
+        found.features.length ? h("table", { class: "span-features", "data-testid": "span-features" },
+          h("thead", {}, h("tr", {}, ["Feature", relative ? "Of its max" : "Activation", "On"]
+            .map((label) => h("th", { scope: "col", text: label })))),
+          h("tbody", {}, found.features.map((f) => h("tr", { "data-feature": f.feature },
+            h("th", { scope: "row" }, h("a", { href: `#/feature/${encodeURIComponent(name)}/${f.feature}`, text: `#${f.feature}`,
+              "aria-label": `feature ${f.feature}` })),
+            h("td", { class: "num", title: relative ? `${fmt(f.activation)} of its largest recorded ${fmt(f.typical_max)}` : null },
+              relative ? h("meter", { min: 0, max: 1, value: Math.min(1, f.relative), "aria-hidden": "true" }) : null,
+              " ", relative ? `${(100 * f.relative).toFixed(1)}%` : fmt(f.activation)),
+            h("td", {}, h("code", { text: JSON.stringify(f.token) }), h("span", { class: "hint", text: ` ${fmt(f.activation)}` }))))))
+          : h("p", { text: "No feature is active on this span." }));
+    } catch (err) {
+      if (mine !== searching) return;
+      clear(detail, h("h3", { text: "Span" }), h("p", { class: "form-error", role: "alert",
+        text: err.describe ? err.describe() : String(err) }));
+    } finally {
+      if (mine === searching) detail.removeAttribute("aria-busy");
+    }
   }
 
   async function inspect() {
@@ -68,7 +113,8 @@ export async function render(root, { params }) {
     tokensView.setAttribute("aria-busy", "true");
     try {
       const topK = mode === "feature" ? Math.min(FEATURE_K, info?.d_sae ?? FEATURE_K) : STRONGEST_K;
-      const read = await api("POST", "v1/inspect", { text: text.value, dictionary: name, top_k: topK });
+      const sent = text.value;
+      const read = await api("POST", "v1/inspect", { text: sent, dictionary: name, top_k: topK });
       const values = read.tokens.map((token) => {
         if (mode === "strongest") return token.features[0] ?? null;
         const entry = token.features.find((f) => f.feature === chosen);
@@ -90,15 +136,18 @@ export async function render(root, { params }) {
         return span;
       });
       clear(tokensView, spans);
-      rovingTokens(tokensView, spans, {
-        label: "Tokens of the text",
+      read.text = sent;
+      const roving = rovingTokens(tokensView, spans, {
+        label: "Tokens of the text: pick one, or select a span with shift",
         onPick: (span, i) => showDetail(read.tokens[i], name),
+        onSpan: (first, last) => searchSpan(read, name, first, last),
       });
       legend.textContent = mode === "strongest"
         ? `${read.tokens.length} tokens, each shaded by its strongest ${name} feature (the small number); darkest = ${fmt(peak)}.`
         : `${read.tokens.length} tokens shaded by ${name} feature ${chosen}; darkest = ${fmt(peak)}.`;
       legend.append(" ", h("a", { href: mode === "feature" ? `#/feature/${encodeURIComponent(name)}/${chosen}` : `#/features?dict=${encodeURIComponent(name)}`,
         text: mode === "feature" ? `feature ${chosen}'s page` : "search features" }));
+      return { roving, tokens: read.tokens.length };
     } catch (err) {
       showError(form, err);
     } finally {
@@ -111,6 +160,13 @@ export async function render(root, { params }) {
     event.preventDefault();
     inspect();
   });
-  if (params.has("text") || params.has("feature")) inspect();
+  if (params.has("text") || params.has("feature")) {
+    const [first, end] = (params.get("span") || "").split(":").map(Number);
+    inspect().then((shown) => {
+      if (shown && Number.isInteger(first) && Number.isInteger(end) && 0 <= first && first < end && end <= shown.tokens) {
+        shown.roving.span(first, end - 1);
+      }
+    });
+  }
   return null;
 }

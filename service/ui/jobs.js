@@ -4,7 +4,7 @@
 
 import { api, forget, models, session } from "./api.js";
 import { busy, clear, clearErrors, field, fmt, formError, h, pct, pm, select, showError, viewError } from "./dom.js";
-import { editFromText, wireEdit } from "./share.js";
+import { parseEdit, splitEdits, wireEdit } from "./editspec.js";
 
 const POLL_MS = 1000;
 
@@ -102,20 +102,21 @@ function evaluationForm(stored, onStarted) {
     formError(),
     h("div", { class: "grid" }, field("Dictionary", dictionary, { param: "dictionary" }),
       field("Tokens", tokens, { param: "tokens" }), field("Corpus", corpus, { param: "corpus" }),
-      field("Edits (optional)", edits, { param: "edits", hint: "DICT:FEATURE:OP[:VALUE][@POSITIONS]" })),
+      field("Edits (optional)", edits, { param: "edits",
+        hint: "DICT:FEATURE:OP[:VALUE][@POSITIONS][,unit=max][,when=D:F>T] or vector:NAME:VALUE[,unit=norm]" })),
     h("div", { class: "actions" }, button));
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     clearErrors(form);
-    const parsed = list(edits.value, (text) => editFromText(text));
-    const bad = parsed.findIndex((edit) => edit === null);
+    const parsed = splitEdits(edits.value).map(parseEdit);
+    const bad = parsed.findIndex((item) => item.error);
     if (bad >= 0) {
-      showError(form, { describe: () => `edits: item ${bad + 1} is not DICT:FEATURE:OP[:VALUE][@POSITIONS]`, param: "edits" });
+      showError(form, { describe: () => `edits: item ${bad + 1}: ${parsed[bad].error}`, param: "edits" });
       return;
     }
     await start(form, button, onStarted, () => api("POST", "v1/evaluations", {
       dictionary: dictionary.value, tokens: tokens.value === "" ? undefined : Number(tokens.value),
-      corpus: corpus.value, edits: parsed.map(wireEdit),
+      corpus: corpus.value, edits: parsed.map((item) => wireEdit(item.edit)),
     }));
   });
   return form;

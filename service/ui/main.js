@@ -2,6 +2,8 @@
 // for refused keys (401), forbidden actions (403) and rate limits (429).
 
 import { forget, refreshSession, session } from "./api.js";
+import * as compare from "./compare.js";
+import * as contrast from "./contrast.js";
 import { clear, h } from "./dom.js";
 import * as dictionaries from "./dictionaries.js";
 import * as feature from "./feature.js";
@@ -14,6 +16,8 @@ const VIEWS = {
   feature: { module: feature, title: "Feature", nav: "#/features" },
   features: { module: feature, title: "Features", nav: "#/features" },
   inspect: { module: inspector, title: "Inspector", nav: "#/inspect" },
+  contrast: { module: contrast, title: "Contrast", nav: "#/contrast" },
+  compare: { module: compare, title: "Compare", nav: "#/compare" },
   dictionaries: { module: dictionaries, title: "Dictionaries", nav: "#/dictionaries" },
   jobs: { module: jobs, title: "Jobs", nav: "#/jobs" },
 };

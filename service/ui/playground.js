@@ -1,21 +1,21 @@
 // The playground: a prompt, sampling settings and a list of edits; Generate streams the
-// baseline and the steered continuation side by side (two POST /v1/completions streams with
-// the same settings and seed, one without the edits), then shows the edit report and reads
-// each text's top features (POST /v1/inspect) for the token tooltips.
+// baseline and the steered continuation side by side (two POST /v1/generate streams with the
+// same settings and seed, one without the edits), then shows the edit report. Each stream also
+// reads its own run's top features at every token (return_features), for the token tooltips:
+// the steered column's are the steered run's activations.
 
-import { api, loadedDictionaries, models, session, streamCompletion } from "./api.js";
+import { api, loadedDictionaries, models, session, streamGenerate } from "./api.js";
 import {
   busy, clear, clearErrors, copyText, field, fmt, formError, h, hideTooltip, rovingTokens, select, showError,
   showTooltip, viewError,
 } from "./dom.js";
 import { editRow } from "./edits.js";
-import {
-  DEFAULTS, completionBody, curlSnippet, pythonSnippet, stateFromParams, stateToParams,
-} from "./share.js";
+import { renderReport } from "./report.js";
+import { DEFAULTS, curlSnippet, pythonSnippet, stateFromParams, stateToParams, streamBody } from "./share.js";
 
 const SAVED = "steerserve.playground";
-// completions refuses max_tokens as max_new_tokens once converted: both belong to one box
-const ALIASES = { max_new_tokens: "max_tokens" };
+// the server names the fields of /v1/generate; the page's boxes are these
+const ALIASES = { max_new_tokens: "max_tokens", return_features: "readout", "return_features.dictionary": "readout" };
 
 function initialState(params) {
   let saved = {};
@@ -82,7 +82,14 @@ export async function render(root, { params }) {
   const stop = h("input", { type: "text", value: state.stop.map(escapeStop).join("|"), placeholder: "none",
     spellcheck: "false" });
   const dictionaryNames = dictionaries.map((d) => d.name);
-  const readout = select(dictionaryNames, state.readout || state.edits[0]?.dictionary || dictionaryNames[0]);
+  const readoutName = state.readout || state.edits.find((e) => e.dictionary)?.dictionary || dictionaryNames[0];
+  const readout = select(dictionaryNames, readoutName);
+  if (readoutName && !dictionaryNames.includes(readoutName)) {
+    readout.append(h("option", { value: readoutName, selected: true, text: `${readoutName} (not loaded)` }));
+  }
+  let vectorList = null;
+  const loadVectors = () => (vectorList ??= api("GET", "v1/vectors").then((r) => r.data)
+    .catch((err) => { vectorList = null; throw err; }));
 
   const editList = h("div", { class: "edit-list", "data-param": "edits" }, formError());
   const rows = [];
@@ -93,6 +100,7 @@ export async function render(root, { params }) {
   function addRow(edit, focus = false) {
     const row = editRow(edit, {
       dictionaries,
+      loadVectors,
       onRemove: (target) => {
         rows.splice(rows.indexOf(target), 1);
         target.remove();
@@ -128,8 +136,9 @@ export async function render(root, { params }) {
       field("Stop strings", stop, { param: "stop", hint: "separate with |; \\n is a newline" })),
     field("Prompt", prompt, { param: "prompt", className: "wide" }),
     h("h3", { text: "Edits" }),
-    h("p", { class: "hint", text: "Each edit changes one dictionary feature at the positions you pick; "
-      + "the steered column uses them all, the baseline none." }),
+    h("p", { class: "hint", text: "Each edit changes one dictionary feature, or adds a stored steering vector, at the "
+      + "positions you pick (optionally only where a feature is above or below a threshold); the steered column uses "
+      + "them all, the baseline none." }),
     editList, addEdit,
     h("div", { class: "actions" }, generateButton, stopButton, copyLink, copyCurl, copyPython,
       field("Token features from", readout, { param: "readout", className: "inline" })));
@@ -151,7 +160,7 @@ export async function render(root, { params }) {
   const report = h("section", { class: "panel report", "aria-label": "Edit report", hidden: true });
   const share = h("details", { class: "panel share" }, h("summary", { text: "The same request as curl and Python" }),
     h("p", { class: "hint", text: "One POST /v1/generate with include_baseline gives both texts; the page streams "
-      + "two /v1/completions with the same settings instead." }),
+      + "two /v1/generate calls with the same settings instead, each reading its own run's features." }),
     h("h4", { text: "curl" }), curlText, h("h4", { text: "Python" }), pythonText);
 
   clear(root,
@@ -189,38 +198,45 @@ export async function render(root, { params }) {
   async function streamInto(col, body, current, signal) {
     col.text = "";
     col.el.dataset.state = "streaming";
-    col.el.dataset.chunks = "0";
+    col.el.dataset.events = "0";
+    col.el.dataset.tokens = "0";
     delete col.el.dataset.text;
     col.error.hidden = true;
     col.pinned.hidden = true;
     col.progress.hidden = false;
-    col.progress.max = current.max_tokens || 16;
+    col.progress.max = current.max_tokens || 32;
     col.progress.value = 0;
     col.status.textContent = "waiting for the server…";
     const generated = h("span", { class: "gen-text" });
     clear(col.output, h("span", { class: "prompt-text", text: current.prompt }), generated);
+    let tokens = 0;
     try {
-      const result = await streamCompletion(body, {
+      const final = await streamGenerate(body, {
         signal,
-        onDelta: (delta) => {
-          col.text += delta;
+        onEvent: (event) => {
+          col.text += event.delta ?? "";
+          tokens += event.token_ids?.length ?? 0;
           generated.textContent = col.text;
-          col.el.dataset.chunks = String(Number(col.el.dataset.chunks) + 1);
-          col.progress.value = Number(col.el.dataset.chunks);
-          col.status.textContent = `streaming… ${col.el.dataset.chunks} / ${col.progress.max} tokens`;
+          col.el.dataset.events = String(Number(col.el.dataset.events) + 1);
+          col.el.dataset.tokens = String(tokens);
+          col.progress.value = tokens;
+          if (event.id === undefined) col.status.textContent = `streaming… ${tokens} / ${col.progress.max} tokens`;
         },
       });
-      const usage = result.final?.usage;
-      col.el.dataset.text = result.text;
+      col.text = final.text;
+      generated.textContent = final.text;
+      col.el.dataset.text = final.text;
+      col.el.dataset.tokens = String(final.tokens.length);
       col.el.dataset.state = "done";
       col.progress.hidden = true;
-      col.status.textContent = `${usage?.completion_tokens ?? "?"} tokens · finish: ${result.final?.choices[0].finish_reason}`;
-      return result;
+      col.status.textContent = `${final.tokens.length} tokens · finish: ${final.finish_reason}`;
+      return final;
     } catch (err) {
       col.el.dataset.state = "error";
       col.progress.hidden = true;
       col.status.textContent = err.name === "AbortError" ? "stopped" : "failed";
-      if (err.name !== "AbortError") {
+      // a refused request is the form's (its message goes beside the control it names); a broken stream is this column's
+      if (err.name !== "AbortError" && !(err.status >= 400 && err.status < 500)) {
         col.error.textContent = err.describe ? err.describe() : String(err);
         col.error.hidden = false;
       }
@@ -248,92 +264,73 @@ export async function render(root, { params }) {
     steered.el.querySelector("h3").textContent = current.edits.length
       ? `Steered (${current.edits.length} edit${current.edits.length > 1 ? "s" : ""})` : "Steered (no edits: same as baseline)";
     const outcomes = await Promise.allSettled([
-      streamInto(baseline, completionBody(current, { withEdits: false }), current, signal),
-      streamInto(steered, completionBody(current, { withEdits: true }), current, signal),
+      streamInto(baseline, streamBody(current, { withEdits: false }), current, signal),
+      streamInto(steered, streamBody(current, { withEdits: true }), current, signal),
     ]);
     busy(generateButton, false);
     stopButton.disabled = true;
     const shown = new Set();
     for (const outcome of outcomes) {
       const err = outcome.reason;
-      if (outcome.status === "rejected" && err.name !== "AbortError" && !shown.has(err.message)) {
+      if (outcome.status === "rejected" && err.name !== "AbortError" && err.status >= 400 && err.status < 500
+        && !shown.has(err.message)) {
         shown.add(err.message);
         showError(form, err, { aliases: ALIASES });
       }
     }
     const [base, steer] = outcomes.map((o) => (o.status === "fulfilled" ? o.value : null));
-    if (steer) renderReport(steer.final?.edit_report || [], current);
-    await Promise.all([[baseline, base], [steered, steer]].map(([col, result]) =>
-      result ? readTokens(col, current, result.text) : null));
+    if (steer) renderReport(report, steer.edit_report || [], current.edits);
+    for (const [col, result] of [[baseline, base], [steered, steer]]) if (result) showTokens(col, current, result);
   }
 
-  function renderReport(entries, current) {
-    report.hidden = false;
-    if (!current.edits.length) {
-      clear(report, h("h3", { text: "Edit report" }), h("p", { class: "hint", text: "No edits were asked for." }));
-      return;
+  // The run's tokens, each with the top features its own run had there (return_features): hover,
+  // focus (arrow keys) or pick one. The last token is sampled and never fed back, so it has none.
+  function showTokens(col, current, result) {
+    if (!result.features) return;
+    const read = new Map(result.features.map((entry) => [entry.position, entry]));
+    const full = current.prompt + result.text;
+    const pieces = [];
+    let offset = 0;
+    for (let p = 0; p < result.prompt_tokens + result.tokens.length && offset < full.length; p += 1) {
+      const generated = p >= result.prompt_tokens;
+      const last = p === result.prompt_tokens + result.tokens.length - 1;
+      let text = read.get(p)?.token ?? (last ? full.slice(offset) : null);
+      if (text === null) return; // no token text to draw: keep the plain text
+      text = text.slice(0, full.length - offset); // a stop string may cut the last tokens short
+      pieces.push({ position: p, text, generated, entry: read.get(p) ?? null });
+      offset += text.length;
     }
-    clear(report, h("h3", { text: "Edit report" }), entries.map(reportEntry));
-  }
-
-  function reportEntry(entry) {
-    const columns = ["Feature", "Ops", "Positions", "Mean before", "Mean after", "Mean ‖Δh‖", "Changed at"];
-    const rowsOf = entry.features.map((f) => h("tr", { class: f.changed_positions ? "" : "unchanged" },
-      h("td", {}, h("a", { href: `#/feature/${encodeURIComponent(entry.dictionary)}/${f.feature}`, text: `#${f.feature}` })),
-      h("td", { text: f.ops.join(", ") }),
-      h("td", { class: "num", text: String(f.positions) }),
-      h("td", { class: "num", text: fmt(f.mean_before) }),
-      h("td", { class: "num", text: fmt(f.mean_after) }),
-      h("td", { class: "num", text: fmt(f.mean_delta_norm) }),
-      h("td", { text: f.changed_positions ? `${f.changed_positions} positions` : "changed nothing" })));
-    return h("div", { class: "report-entry", "data-dictionary": entry.dictionary },
-      h("h4", {}, entry.dictionary, " ", h("span", { class: "hint", text: entry.hook })),
-      h("p", { text: `${entry.positions_edited} positions edited · mean ‖Δh‖ ${fmt(entry.mean_delta_norm)}` }),
-      entry.changed ? null : h("p", { class: "nochange", role: "status", "data-testid": "nochange" },
-        h("strong", { text: "This edit changed nothing. " }), entry.note || ""),
-      h("div", { class: "table-wrap" }, h("table", {},
-        h("thead", {}, h("tr", {}, columns.map((label) => h("th", { scope: "col", text: label })))),
-        h("tbody", {}, rowsOf))));
-  }
-
-  // Each text's top features, read by the dictionary picked under "Token features from".
-  async function readTokens(col, current, text) {
-    if (!current.readout) return;
-    try {
-      const read = await api("POST", "v1/inspect", {
-        model: current.model, text: current.prompt + text, dictionary: current.readout, top_k: 5,
-      });
-      let offset = 0;
-      const spans = read.tokens.map((token) => {
-        const generated = offset >= current.prompt.length;
-        offset += token.token.length;
-        return h("span", { class: `tok ${generated ? "gen" : "prompt"}${token.token.includes("\n") ? " nl" : ""}`,
-          "data-position": token.position, text: token.token });
-      });
-      clear(col.output, spans);
-      const describe = (token) => h("div", {},
-        h("strong", { text: JSON.stringify(token.token) }), ` position ${token.position} · ${current.readout}`,
-        token.features.length ? h("ol", { class: "feature-list" }, token.features.map((f) => h("li", {},
-          h("a", { href: `#/feature/${encodeURIComponent(current.readout)}/${f.feature}`, text: `#${f.feature}` }),
+    if (pieces.map((piece) => piece.text).join("") !== full) return; // a character split across tokens
+    const spans = pieces.map((piece) => h("span", {
+      class: `tok ${piece.generated ? "gen" : "prompt"}${piece.text.includes("\n") ? " nl" : ""}`,
+      "data-position": piece.position, "data-read": piece.entry ? "1" : "0", text: piece.text,
+    }));
+    clear(col.output, spans);
+    const name = current.readout;
+    const describe = (piece) => h("div", {},
+      h("strong", { text: JSON.stringify(piece.text) }), ` position ${piece.position} · ${name}`,
+      !piece.entry ? h("p", { text: "not read: the run ended before this token went through the model" })
+        : piece.entry.features.length ? h("ol", { class: "feature-list" }, piece.entry.features.map((f) => h("li", {},
+          h("a", { href: `#/feature/${encodeURIComponent(name)}/${f.feature}`, text: `#${f.feature}` }),
           ` ${fmt(f.activation)}`))) : h("p", { text: "no active feature" }));
-      rovingTokens(col.output, spans, {
-        label: `${col.el.dataset.testid} tokens: hover or use the arrow keys for their top features`,
-        onFocus: (span, i) => showTooltip(span, describe(read.tokens[i])),
-        onPick: (span, i) => {
-          col.pinned.hidden = false;
-          clear(col.pinned, describe(read.tokens[i]));
-        },
-      });
-    } catch (err) {
-      col.error.textContent = `token features: ${err.describe ? err.describe() : err}`;
-      col.error.hidden = false;
-    }
+    rovingTokens(col.output, spans, {
+      label: `${col.el.dataset.testid} tokens: hover or use the arrow keys for their top features in this run`,
+      onFocus: (span, i) => showTooltip(span, describe(pieces[i])),
+      onPick: (span, i) => {
+        col.pinned.hidden = false;
+        clear(col.pinned, describe(pieces[i]));
+      },
+    });
   }
 
   form.addEventListener("submit", (event) => {
     event.preventDefault();
     generate();
   });
-  if (params.get("run") === "1") generate();
+  const { linkErrors } = stateFromParams(params);
+  if (linkErrors.length) {
+    showError(form, { describe: () => `The link's edits could not all be read, so it does not run: ${linkErrors.join("; ")}`,
+      param: "edits" });
+  } else if (params.get("run") === "1") generate();
   return () => controller?.abort();
 }

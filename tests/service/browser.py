@@ -5,7 +5,8 @@ Playwright cannot download its own browsers here, so it launches an installed Ch
 ``playwright`` package the browser tests are skipped — unless ``STEERSERVE_REQUIRE_BROWSER=1``
 (set by ``.ci/run``), which makes that a failure. Screenshots go to ``.test-home/screenshots/``.
 
-Test modules import the fixtures: ``from tests.service.browser import browser, page, shots``.
+Test modules import the fixtures (``from tests.service.browser import browser, page, shots``) and the
+few steps every test takes (open a view, wait for a generation, read what the page sent).
 """
 
 from __future__ import annotations
@@ -93,3 +94,36 @@ def page(browser, server):
     assert watcher.foreign == [], f"the page loaded from other hosts: {watcher.foreign}"
     unexpected = [e for e in watcher.errors if not e.startswith("console: Failed to load resource")]
     assert unexpected == [], unexpected
+
+
+# --- what the tests do on a page ---------------------------------------------------------------------
+
+def open_view(page, url: str, heading: str) -> None:
+    """Go to ``url`` and wait for the view's heading."""
+    from playwright.sync_api import expect
+
+    page.goto(url)
+    expect(page.get_by_role("heading", name=heading, exact=True)).to_be_visible()
+
+
+def wait_generated(page) -> None:
+    """Wait until both playground columns have finished (or failed)."""
+    import re
+
+    from playwright.sync_api import expect
+
+    for column in ("baseline", "steered"):
+        expect(page.get_by_test_id(column)).to_have_attribute("data-state", re.compile("done|error"))
+
+
+def column_texts(page) -> dict:
+    """The generated text each playground column shows, once done."""
+    return {column: page.get_by_test_id(column).get_attribute("data-text") for column in ("baseline", "steered")}
+
+
+def sent_generations(page) -> list:
+    """Record the JSON bodies of the page's POSTs to /v1/generate (the playground's two streams)."""
+    bodies = []
+    page.on("request", lambda r: r.method == "POST" and r.url.endswith("/v1/generate")
+            and bodies.append(r.post_data_json))
+    return bodies

@@ -1,10 +1,11 @@
-"""The browser page, driven by a real headless Chromium against the session's app on loopback.
+"""The playground, driven by a real headless Chromium against the session's app on loopback.
 
-Each test checks what a person sees against the API: the playground's streamed texts against
-POST /v1/generate, a shared link against the request it came from, the feature page's
-shading against the feature's statistics, the inspector against POST /v1/inspect, the
-server's error messages next to the fields that caused them, and an evaluation job started
-from its form. Screenshots of each view go to .test-home/screenshots/.
+Each test checks what a person sees against the API: the streamed texts and each column's token
+features against POST /v1/generate, a shared link against the request it came from, the
+server's error messages next to the fields that caused them, the report of an edit that did
+nothing, and the value slider. Screenshots go to .test-home/screenshots/. The other views are in
+test_ui_views.py, the find-and-steer additions in test_ui_steer.py, keys and roles in
+test_ui_access.py.
 """
 
 import contextlib
@@ -15,7 +16,8 @@ import re
 import pytest
 import requests
 
-from tests.service.browser import browser, page, shots  # noqa: F401 - fixtures
+from tests.service.browser import browser, column_texts, open_view, page, sent_generations, shots  # noqa: F401
+from tests.service.browser import wait_generated
 
 try:
     from playwright.sync_api import expect
@@ -23,34 +25,32 @@ except ImportError:  # the browser fixture then skips these tests (or fails them
     expect = None
 
 DEFAULT = "pythia-tiny-l2"
-
-
-def _alpha(color: str) -> float:
-    """The alpha of a computed CSS colour: rgb(...) is opaque, rgba(r, g, b, a)."""
-    parts = re.findall(r"[\d.]+", color)
-    return float(parts[3]) if len(parts) == 4 else 1.0
+EARLIER = "random-l1"  # the session's other dictionary: blocks.1.hook_resid_pre, before DEFAULT's layer
 
 
 def _open(page, server, route, heading):  # noqa: F811
-    page.goto(f"{server}/{route}")
-    expect(page.get_by_role("heading", name=heading, exact=True)).to_be_visible()
+    open_view(page, f"{server}/{route}", heading)
 
 
-def _wait_generated(page):  # noqa: F811
-    for column in ("baseline", "steered"):
-        expect(page.get_by_test_id(column)).to_have_attribute("data-state", re.compile("done|error"))
+def _generate(server, body: dict) -> dict:
+    out = requests.post(server + "/v1/generate", json=body, timeout=120)
+    assert out.status_code == 200, out.text
+    return out.json()
 
 
-def _texts(page):  # noqa: F811
-    return {column: page.get_by_test_id(column).get_attribute("data-text") for column in ("baseline", "steered")}
+def _tooltips(page, column: str) -> list:  # noqa: F811
+    """Every token of a column, focused in turn: (position, the feature links its tooltip lists, or None
+    when it says the token was not read)."""
+    return page.evaluate("""(column) => [...document.querySelectorAll(`[data-testid=${column}-output] .tok`)].map(t => {
+        t.focus();
+        const tip = document.getElementById('token-tooltip');
+        return [Number(t.dataset.position), t.dataset.read === '1' ? [...tip.querySelectorAll('a')].map(a => a.textContent) : null];
+    })""", column)
 
 
-def _sent_bodies(page):  # noqa: F811
-    """Record the JSON bodies of the page's POSTs to /v1/completions."""
-    bodies = []
-    page.on("request", lambda r: r.method == "POST" and r.url.endswith("/v1/completions")
-            and bodies.append(r.post_data_json))
-    return bodies
+def _links(features: list) -> dict:
+    """position → the feature links a tooltip should list, from return_features."""
+    return {entry["position"]: [f"#{f['feature']}" for f in entry["features"]] for entry in features}
 
 
 # --- the playground ----------------------------------------------------------------------------------
@@ -88,20 +88,22 @@ def test_a_steered_generation_streams_and_equals_the_api(page, server, shots):  
     network.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0, "downloadThroughput": 4000,
                                                       "uploadThroughput": -1})
     page.get_by_role("button", name="Generate").click()
-    _wait_generated(page)
+    wait_generated(page)
     network.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0, "downloadThroughput": -1,
                                                       "uploadThroughput": -1})
-    shown = _texts(page)
+    shown = column_texts(page)
 
-    body = {"prompt": "If the file does not exist, the", "model": "pythia-tiny", "max_new_tokens": 20, "temperature": 0.8, "top_p": 1,
-            "seed": 11, "include_baseline": True,
+    body = {"prompt": "If the file does not exist, the", "model": "pythia-tiny", "max_new_tokens": 20, "temperature": 0.8,
+            "top_p": 1, "seed": 11, "include_baseline": True,
             "edits": [{"dictionary": DEFAULT, "feature": feature, "op": "set", "value": 6.0, "positions": "all"}]}
-    out = requests.post(server + "/v1/generate", json=body, timeout=120).json()
+    out = _generate(server, body)
     assert shown == {"steered": out["text"], "baseline": out["baseline"]["text"]}
     assert out["text"] != out["baseline"]["text"]  # the edit steers
     # it streamed: several events a column, and partial text on screen before the end
-    for column in ("baseline", "steered"):
-        assert int(page.get_by_test_id(column).get_attribute("data-chunks")) > 1
+    for column, tokens in (("baseline", out["baseline"]["tokens"]), ("steered", out["tokens"])):
+        assert int(page.get_by_test_id(column).get_attribute("data-events")) > 1
+        assert page.get_by_test_id(column).get_attribute("data-tokens") == str(len(tokens))
+        expect(page.get_by_test_id(column).get_by_role("status")).to_have_text(re.compile(rf"^{len(tokens)} tokens · "))
     seen = page.evaluate("window.__seen")
     assert any(0 < len(text) < len(out["text"]) for text in seen), seen
 
@@ -114,24 +116,27 @@ def test_a_steered_generation_streams_and_equals_the_api(page, server, shots):  
     assert float(cells[3]) == pytest.approx(entry["features"][0]["mean_before"], abs=1e-3)
     assert float(cells[4]) == pytest.approx(entry["features"][0]["mean_after"], abs=1e-3)
 
-    # the tokens' top features, as /v1/inspect reads them: by keyboard (one tab stop, arrows move) ...
-    read = requests.post(server + "/v1/inspect", json={"text": body["prompt"] + out["text"], "dictionary": DEFAULT,
-                                                      "top_k": 5}, timeout=60).json()
+    # the tokens' top features, as this run read them: by keyboard (one tab stop, arrows move) ...
+    readout = {"dictionary": DEFAULT, "top_k": 5}
+    steered_run = _generate(server, {**body, "include_baseline": False, "return_features": readout})
+    assert steered_run["text"] == out["text"]
+    read = _links(steered_run["features"])
     tooltip = page.get_by_role("tooltip")
     page.locator("[data-testid=steered-output] .tok").first.focus()
     page.keyboard.press("ArrowRight")
     page.keyboard.press("ArrowRight")
     assert page.evaluate("document.activeElement.dataset.position") == "2"
     expect(tooltip).to_be_visible()
-    assert tooltip.locator("a").all_text_contents() == [f"#{f['feature']}" for f in read["tokens"][2]["features"]]
+    assert tooltip.locator("a").all_text_contents() == read[2]
     page.keyboard.press("Tab")  # leave the tokens: the tooltip goes
     expect(tooltip).to_be_hidden()
     # ... and by hovering a generated token
-    token = page.locator("[data-testid=steered-output] .tok.gen").filter(has_text=re.compile(r"\w")).last
+    page.evaluate("document.activeElement.blur()")
+    token = page.locator("[data-testid=steered-output] .tok.gen[data-read='1']").filter(has_text=re.compile(r"\w")).last
     position = int(token.get_attribute("data-position"))
     token.hover()
     expect(tooltip).to_be_visible()
-    assert tooltip.locator("a").all_text_contents() == [f"#{f['feature']}" for f in read["tokens"][position]["features"]]
+    assert tooltip.locator("a").all_text_contents() == read[position]
     assert page.get_by_test_id("steered-output").text_content() == body["prompt"] + out["text"]
     page.screenshot(path=shots("playground"), full_page=True)
 
@@ -148,9 +153,46 @@ def test_a_steered_generation_streams_and_equals_the_api(page, server, shots):  
     assert f"steered:  {out['text']}" in printed.getvalue()
 
 
+def test_each_columns_token_features_are_its_own_runs(page, server):  # noqa: F811
+    """An edit at an earlier layer than the read-out dictionary changes the activations there: the steered
+    column's tooltips show the steered run's features (return_features), not the unedited model's on the
+    same text; the baseline's are the unedited run's. The last token is sampled, never read."""
+    prompt = "Return the number of lines in the"
+    _open(page, server, "#/playground", "Playground")
+    page.get_by_label("Prompt").fill(prompt)
+    page.get_by_label("Max tokens").fill("10")
+    page.get_by_label("Temperature").fill("0")
+    page.get_by_role("button", name="+ Add an edit").click()
+    edit = page.locator("fieldset.edit").first
+    edit.get_by_label("Dictionary", exact=True).select_option(EARLIER)
+    edit.get_by_label("Feature", exact=True).fill("3")
+    edit.get_by_label("Value", exact=True).fill("8")
+    page.get_by_label("Token features from").select_option(DEFAULT)
+    page.get_by_role("button", name="Generate").click()
+    wait_generated(page)
+
+    common = {"prompt": prompt, "max_new_tokens": 10, "temperature": 0, "top_p": 1,
+              "return_features": {"dictionary": DEFAULT, "top_k": 5}}
+    steered = _generate(server, {**common, "edits": [{"dictionary": EARLIER, "feature": 3, "op": "set", "value": 8}]})
+    baseline = _generate(server, {**common, "edits": []})
+    assert column_texts(page) == {"steered": steered["text"], "baseline": baseline["text"]}
+    for column, run in (("steered", steered), ("baseline", baseline)):
+        read = _links(run["features"])
+        tips = _tooltips(page, column)
+        last = run["prompt_tokens"] + len(run["tokens"]) - 1
+        assert [position for position, _ in tips] == list(range(last + 1))
+        assert dict(tips) == {**read, last: None}  # every read token as its run read it; the last one not read
+    # what /v1/inspect says of the steered text (the unedited model's features) is not what the page shows
+    unedited = requests.post(server + "/v1/inspect", json={"text": prompt + steered["text"], "dictionary": DEFAULT,
+                                                          "top_k": 5}, timeout=60).json()["tokens"]
+    differs = [t["position"] for t in unedited if t["position"] in _links(steered["features"])
+               and _links(steered["features"])[t["position"]] != [f"#{f['feature']}" for f in t["features"]]]
+    assert differs, "the edit should change the read-out dictionary's features somewhere"
+
+
 def test_a_shared_link_reproduces_the_request(page, browser, server, shots):  # noqa: F811
     _open(page, server, "#/playground", "Playground")
-    first = _sent_bodies(page)
+    first = sent_generations(page)
     page.get_by_label("Prompt").fill("Raise an exception if")
     page.get_by_label("Max tokens").fill("12")
     page.get_by_label("Temperature").fill("0.6")
@@ -165,22 +207,23 @@ def test_a_shared_link_reproduces_the_request(page, browser, server, shots):  # 
             edit.get_by_label("Value", exact=True).fill(value)
         edit.get_by_label("Positions", exact=True).select_option(positions)
     page.get_by_role("button", name="Generate").click()
-    _wait_generated(page)
-    link, texts = page.url, _texts(page)
+    wait_generated(page)
+    link, texts = page.url, column_texts(page)
     seed = page.get_by_label("Seed").input_value()
     assert seed and f"seed={seed}" in link and "run=1" in link
 
     context = browser.new_context(viewport={"width": 1280, "height": 800})
     try:
         other = context.new_page()
-        second = _sent_bodies(other)
+        second = sent_generations(other)
         other.goto(link)  # opening the link generates at once
-        _wait_generated(other)
-        assert _texts(other) == texts
+        wait_generated(other)
+        assert column_texts(other) == texts
         assert sorted(second, key=json.dumps) == sorted(first, key=json.dumps)
         steered = next(body for body in second if body["edits"])
-        assert steered == {"prompt": "Raise an exception if", "model": "pythia-tiny", "max_tokens": 12,
+        assert steered == {"prompt": "Raise an exception if", "model": "pythia-tiny", "max_new_tokens": 12,
                            "temperature": 0.6, "top_p": 1, "seed": int(seed), "stop": ["\n\n", "."], "stream": True,
+                           "return_features": {"dictionary": DEFAULT, "top_k": 5},
                            "edits": [{"dictionary": DEFAULT, "feature": 11, "op": "scale", "value": 3, "positions": "prompt"},
                                      {"dictionary": DEFAULT, "feature": 3, "op": "ablate", "positions": "generated"}]}
         assert other.get_by_label("Stop strings").input_value() == "\\n\\n|."
@@ -193,11 +236,11 @@ def test_a_bad_value_shows_the_servers_message_next_to_its_field(page, server, s
     _open(page, server, "#/playground", "Playground")
     page.get_by_label("Max tokens").fill("1000")
     page.get_by_role("button", name="Generate").click()
-    refused = requests.post(server + "/v1/completions", json={"prompt": "Return the number of", "max_tokens": 1000,
-                                                              "temperature": 0, "top_p": 1, "edits": []}, timeout=60)
+    refused = requests.post(server + "/v1/generate", json={"prompt": "Return the number of", "max_new_tokens": 1000,
+                                                           "temperature": 0, "top_p": 1, "edits": []}, timeout=60)
     error = refused.json()["error"]
-    assert refused.status_code == 400
-    slot = page.locator('[data-param="max_tokens"] .field-error')
+    assert refused.status_code == 400 and error["param"] == "max_new_tokens"
+    slot = page.locator('[data-param="max_tokens"] .field-error')  # the box the page calls Max tokens
     expect(slot).to_be_visible()
     expect(slot).to_have_text(f"Error 400: {error['message']} (param: {error['param']})")
     expect(page.get_by_label("Max tokens")).to_have_attribute("aria-invalid", "true")
@@ -206,9 +249,9 @@ def test_a_bad_value_shows_the_servers_message_next_to_its_field(page, server, s
     page.get_by_role("button", name="+ Add an edit").click()
     page.get_by_label("Feature", exact=True).fill("99999")
     page.get_by_role("button", name="Generate").click()
-    _wait_generated(page)
-    edit_error = requests.post(server + "/v1/completions", json={
-        "prompt": "Return the number of", "max_tokens": 8, "edits": [
+    wait_generated(page)
+    edit_error = requests.post(server + "/v1/generate", json={
+        "prompt": "Return the number of", "max_new_tokens": 8, "edits": [
             {"dictionary": DEFAULT, "feature": 99999, "op": "set", "value": 4}]}, timeout=60).json()["error"]
     assert edit_error["param"] == "edits[0].feature"
     slot = page.locator('[data-param="edits[0].feature"] .field-error')
@@ -218,169 +261,63 @@ def test_a_bad_value_shows_the_servers_message_next_to_its_field(page, server, s
     page.screenshot(path=shots("playground-error"), full_page=True)
 
 
-# --- feature pages -----------------------------------------------------------------------------------
-
-def test_the_feature_page_shades_top_contexts_by_activation(page, server, shots):  # noqa: F811
-    feature = 7
-    stats = requests.get(f"{server}/v1/dictionaries/{DEFAULT}/features/{feature}", timeout=60).json()
-    _open(page, server, f"#/feature/{DEFAULT}/{feature}", f"{DEFAULT} · feature {feature}")
-    expect(page.get_by_test_id("density")).to_have_text(f"{100 * stats['density']:.3f}%")
-    shown = page.evaluate("""() => [...document.querySelectorAll('[data-testid=contexts] > li')].map(li => ({
-        max: Number(li.dataset.max),
-        tokens: [...li.querySelectorAll('.tok')].map(t => ({
-            text: t.textContent, activation: Number(t.dataset.activation),
-            background: getComputedStyle(t).backgroundColor})) }))""")
-    contexts = stats["top_contexts"]
-    assert [c["max"] for c in shown] == pytest.approx([c["max_activation"] for c in contexts])
-    assert [c["max_activation"] for c in contexts] == sorted((c["max_activation"] for c in contexts), reverse=True)
-    peak = max(c["max_activation"] for c in contexts)
-    tokens = []
-    for on_page, from_api in zip(shown, contexts):
-        assert [t["text"] for t in on_page["tokens"]] == [t["token"].replace("\n", "↵") for t in from_api["tokens"]]
-        assert [t["activation"] for t in on_page["tokens"]] == pytest.approx([t["activation"] for t in from_api["tokens"]])
-        tokens += [(t["activation"], _alpha(t["background"])) for t in on_page["tokens"]]
-    # one scale for the whole page: darker exactly where the activation is larger
-    for activation, alpha in tokens:
-        assert alpha == pytest.approx(max(activation, 0) / peak, abs=0.01)
-    for a_act, a_alpha in tokens:
-        for b_act, b_alpha in tokens:
-            if a_act > b_act + 0.01 * peak:
-                assert a_alpha > b_alpha
-    lens = page.get_by_role("region", name="Logit lens")
-    promoted = lens.locator("section[aria-label=Promoted] tbody tr td:first-child").all_text_contents()
-    assert promoted == [json.dumps(p["token"], ensure_ascii=False) for p in stats["logit_lens"]["promoted"]]
-    page.screenshot(path=shots("feature"), full_page=True)
-
-    page.get_by_role("link", name="Next →").click()
-    expect(page.get_by_role("heading", name=f"{DEFAULT} · feature {feature + 1}")).to_be_visible()
-    page.get_by_role("link", name="← Previous").click()
-    expect(page.get_by_role("heading", name=f"{DEFAULT} · feature {feature}")).to_be_visible()
-    page.get_by_role("link", name="Steer with this feature").click()
-    expect(page.get_by_role("heading", name="Playground", exact=True)).to_be_visible()
-    edit = page.locator("fieldset.edit").last
-    expect(edit.get_by_label("Feature", exact=True)).to_have_value(str(feature))
-    expect(edit.get_by_label("Op", exact=True)).to_have_value("set")
-    expect(edit.get_by_label("Value", exact=True)).to_have_value(str(round(3 * peak, 1)).removesuffix(".0"))
+def test_the_token_features_error_is_beside_its_control(page, server):  # noqa: F811
+    """A link naming a dictionary this server does not load for the token features: the server's
+    refusal appears beside "Token features from", not under the columns."""
+    _open(page, server, "#/playground?prompt=Return%20the&max_tokens=4&readout=not-here&run=1", "Playground")
+    wait_generated(page)
+    error = requests.post(server + "/v1/generate", json={"prompt": "Return the", "max_new_tokens": 4, "stream": True,
+                                                          "return_features": {"dictionary": "not-here", "top_k": 5}},
+                          timeout=60).json()["error"]
+    slot = page.locator('[data-param="readout"] .field-error')
+    expect(slot).to_have_text(f"Error 400: {error['message']} (param: {error['param']})")
+    expect(page.get_by_label("Token features from")).to_have_attribute("aria-invalid", "true")
+    for column in ("baseline", "steered"):
+        expect(page.get_by_test_id(column).locator(".form-error")).to_be_hidden()
 
 
-def test_the_feature_search_page_opens_a_hit(page, server):  # noqa: F811
-    _open(page, server, f"#/features?dict={DEFAULT}", "Features")
-    page.get_by_label("Search features").fill("lineno")
-    found = requests.get(f"{server}/v1/dictionaries/{DEFAULT}/features", params={"q": "lineno", "limit": 20},
-                         timeout=60).json()
-    hits = page.locator(".search-results button.hit")
-    expect(hits).to_have_count(len(found["data"]))
-    assert [int(h.get_attribute("data-feature")) for h in hits.all()] == [h["feature"] for h in found["data"]]
-    hits.first.click()
-    expect(page.get_by_role("heading", name=f"{DEFAULT} · feature {found['data'][0]['feature']}")).to_be_visible()
+def test_an_edit_that_changes_nothing_says_so(page, server, shots):  # noqa: F811
+    """Ablating a feature that is never active on this generation: the report says so, with the API's note."""
+    prompt, request = "Return the number of", {"max_new_tokens": 8, "temperature": 0, "top_p": 1}
+    plain = _generate(server, {"prompt": prompt, **request, "return_features": {"dictionary": DEFAULT, "top_k": 64}})
+    assert all(len(entry["features"]) < 64 for entry in plain["features"])  # each token's whole active set
+    active = {f["feature"] for entry in plain["features"] for f in entry["features"]}
+    silent = min(set(range(1024)) - active)
+    out = _generate(server, {"prompt": prompt, **request, "edits": [{"dictionary": DEFAULT, "feature": silent, "op": "ablate"}]})
+    [entry] = out["edit_report"]
+    assert entry["changed"] is False and out["text"] == plain["text"]
+
+    _open(page, server, "#/playground", "Playground")
+    page.get_by_label("Prompt").fill(prompt)
+    page.get_by_label("Max tokens").fill("8")
+    page.get_by_role("button", name="+ Add an edit").click()
+    edit = page.locator("fieldset.edit").first
+    edit.get_by_label("Feature", exact=True).fill(str(silent))
+    edit.get_by_label("Op", exact=True).select_option("ablate")
+    page.get_by_role("button", name="Generate").click()
+    wait_generated(page)
+    message = page.get_by_test_id("nochange")
+    expect(message).to_have_text(f"This edit changed nothing. {entry['note']}")
+    expect(page.get_by_role("region", name="Edit report").locator("tbody tr").first).to_contain_text("changed nothing")
+    page.screenshot(path=shots("playground-nochange"), full_page=True)
 
 
-# --- the inspector -----------------------------------------------------------------------------------
-
-def test_the_inspectors_highlights_match_inspect(page, server, shots):  # noqa: F811
-    text = "Return the number of lines in the file.\nIf it does not exist, raise an error."
-    _open(page, server, "#/inspect", "Inspector")
-    page.get_by_label("Text").fill(text)
-    page.get_by_role("button", name="Inspect").click()
-    strongest = requests.post(server + "/v1/inspect", json={"text": text, "dictionary": DEFAULT, "top_k": 10},
-                              timeout=60).json()["tokens"]
-    spans = page.locator("[data-testid=inspect-tokens] .tok")
-    expect(spans).to_have_count(len(strongest))
-
-    def shown():
-        return page.evaluate("""() => [...document.querySelectorAll('[data-testid=inspect-tokens] .tok')].map(t => ({
-            feature: t.dataset.feature, activation: Number(t.dataset.activation),
-            alpha: getComputedStyle(t).backgroundColor}))""")
-
-    on_page = shown()
-    assert [int(t["feature"]) for t in on_page] == [t["features"][0]["feature"] for t in strongest]
-    assert [t["activation"] for t in on_page] == pytest.approx([t["features"][0]["activation"] for t in strongest])
-    darkest = max(range(len(on_page)), key=lambda i: _alpha(on_page[i]["alpha"]))
-    assert darkest == max(range(len(strongest)), key=lambda i: strongest[i]["features"][0]["activation"])
-    page.screenshot(path=shots("inspector"), full_page=True)
-
-    # shaded by one chosen feature: its activation at every token (0 where it is not active)
-    chosen = strongest[2]["features"][0]["feature"]
-    page.get_by_label("Feature to shade by").fill(str(chosen))
-    page.get_by_role("button", name="Inspect").click()
-    expect(page.get_by_role("status").filter(has_text=f"feature {chosen};")).to_be_visible()
-    full = requests.post(server + "/v1/inspect", json={"text": text, "dictionary": DEFAULT, "top_k": 64},
-                         timeout=60).json()["tokens"]
-    expected = [next((f["activation"] for f in t["features"] if f["feature"] == chosen), 0.0) for t in full]
-    assert [t["activation"] for t in shown()] == pytest.approx(expected)
-    assert any(a == 0 for a in expected) and any(a > 0 for a in expected)
-
-    # by keyboard: into the tokens, three to the right, Enter: that token's features, linking to their pages
-    spans.first.focus()
-    for _ in range(3):
-        page.keyboard.press("ArrowRight")
-    page.keyboard.press("Enter")
-    detail = page.get_by_test_id("token-features")
-    expect(detail.locator("a")).to_have_text([f"feature {f['feature']}" for f in full[3]["features"]])
-    detail.locator("a").first.click()
-    expect(page.get_by_role("heading", name=f"{DEFAULT} · feature {full[3]['features'][0]['feature']}")).to_be_visible()
-
-
-# --- jobs --------------------------------------------------------------------------------------------
-
-def test_an_evaluation_started_from_the_form_shows_its_figures(page, server, shots):  # noqa: F811
-    _open(page, server, "#/jobs", "Jobs")
-    form = page.get_by_role("form", name="Start an evaluation")
-    form.get_by_label("Dictionary").select_option(DEFAULT)
-    form.get_by_label("Tokens").fill("1024")
-    form.get_by_label("Edits (optional)").fill(f"{DEFAULT}:5:scale:3")
-    form.get_by_role("button", name="Start evaluation").click()
-    detail = page.get_by_test_id("job-detail")
-    expect(detail).to_have_attribute("data-status", "succeeded", timeout=300_000)
-    job_id = page.url.rsplit("/", 1)[1]
-    record = requests.get(f"{server}/v1/evaluations/{job_id}", timeout=30).json()
-    from editing.edits import EditSpec  # the record lists every field, defaults included
-
-    assert [EditSpec(**edit) for edit in record["request"]["edits"]] == [
-        EditSpec(dictionary=DEFAULT, feature=5, op="scale", value=3.0, positions="all")]
-    result = record["result"]
-    for run in ("clean", "spliced", "zero", "edited"):
-        ce = result["ce"][run]
-        expect(detail.locator(f"tr[data-run={run}] td").first).to_have_text(f"{ce['mean']:.4f} ± {ce['se']:.4f}")
-    recovered = result["ce_loss_recovered"]
-    expect(detail.get_by_role("row", name=re.compile("CE loss recovered"))).to_contain_text(
-        f"{recovered['mean']:.4f} ± {recovered['se']:.4f}")
-    page.screenshot(path=shots("jobs"), full_page=True)
-
-
-def test_the_training_form_sends_target_l0_and_shows_its_errors_at_the_field(page, server):  # noqa: F811
-    """Targets go out as ``target_l0`` (the coefficient then starts from the server's default); the
-    server's 400 for a target on a topk dictionary appears next to the Target L0 field. No job starts:
-    each request the form sends is one the server refuses."""
-    _open(page, server, "#/jobs", "Jobs")
-    form = page.get_by_role("form", name="Start a training")
-    form.get_by_label("Name").fill("ui-target")
-    form.get_by_label("Target L0 (relu, jumprelu)").fill("20")
-    form.get_by_role("button", name="Start training").click()  # topk (the default) has no target
-    message = form.locator("[data-param=target_l0] .field-error")
-    expect(message).to_be_visible()
-    expect(message).to_contain_text("a topk dictionary's L0 is its k")
-
-    form.get_by_label("Architecture").select_option("relu")
-    form.get_by_label("Target L0 (relu, jumprelu)").fill("20, 40")
-    form.get_by_label("Tokens").fill("10")  # below the minimum: refused, so nothing trains
-    with page.expect_request(lambda r: r.url.endswith("/v1/trainings") and r.method == "POST") as sent:
-        form.get_by_role("button", name="Start training").click()
-    body = json.loads(sent.value.post_data)
-    assert body["target_l0"] == [20, 40] and "l1" not in body and body["architecture"] == "relu"
-    expect(form.locator("[data-param=tokens] .field-error")).to_be_visible()
-    jobs = requests.get(server + "/v1/trainings", timeout=30).json()
-    assert not any(job["request"]["name"] == "ui-target" for job in jobs["data"])
-
-
-# --- narrow windows ------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("route, heading", [("#/playground", "Playground"), (f"#/feature/{DEFAULT}/7", f"{DEFAULT} · feature 7"),
-                                            ("#/dictionaries", "Dictionaries")])
-def test_views_fit_a_narrow_window(page, server, shots, route, heading):  # noqa: F811
-    page.set_viewport_size({"width": 390, "height": 844})
-    _open(page, server, route, heading)
-    page.wait_for_load_state("networkidle")
-    overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
-    assert overflow <= 1, f"{route} scrolls sideways by {overflow}px at 390px"
-    page.screenshot(path=shots(f"narrow-{heading.split(' ')[0].lower()}"), full_page=True)
+def test_the_value_slider_reaches_a_typed_value(page, server):  # noqa: F811
+    """A value beyond the slider's usual ±20 widens the slider to it: touching the slider starts from the value."""
+    _open(page, server, "#/playground", "Playground")
+    page.get_by_role("button", name="+ Add an edit").click()
+    edit = page.locator("fieldset.edit").first
+    edit.get_by_label("Op", exact=True).select_option("set")
+    value, slider = edit.get_by_label("Value", exact=True), edit.get_by_label("Value (slider)")
+    value.fill("50")
+    expect(slider).to_have_value("50")
+    assert float(slider.get_attribute("max")) >= 50
+    slider.focus()  # touching it changes nothing ...
+    expect(value).to_have_value("50")
+    slider.press("ArrowLeft")  # ... and it moves from the value, not from a clamp at 20
+    expect(value).to_have_value("49.9")
+    value.fill("-35")
+    expect(slider).to_have_value("-35")
+    assert float(slider.get_attribute("min")) <= -35
+    slider.press("ArrowRight")
+    expect(value).to_have_value("-34.9")

@@ -1,12 +1,14 @@
 """The page on an app with API keys (mounted under a route prefix): what a user key sees, an
-admin deploying and undeploying from the page, and 401 / 403 / 429 shown as messages."""
+admin deploying and undeploying from the page, 401 / 403 / 429 shown as messages, and the
+playground's progress on a server that sends a stream's steps together (``stream_interval_s``)."""
 
+import json
 import re
 
 import pytest
 import requests
 
-from tests.service.browser import browser, page, shots  # noqa: F401 - fixtures
+from tests.service.browser import browser, page, shots, wait_generated  # noqa: F401 - fixtures
 
 try:
     from playwright.sync_api import expect
@@ -23,11 +25,13 @@ def keyed(server, browser):  # noqa: F811 - browser first: no app is started whe
     from ray import serve
 
     from service.app import AppArgs, ModelArgs, build_app
+    from service.model_server import Limits
 
     keys = [{"key": ADMIN, "role": "admin", "name": "root"}, {"key": USER, "role": "user", "name": "alice"},
             {"key": SLOW, "role": "user", "name": "slow", "rate_per_minute": 3}]
+    # a stream's steps go out together at most every 0.5 s: events that carry several tokens each
     app = build_app(AppArgs(models=[ModelArgs(name="pythia-tiny", dictionaries=[DEFAULT], torch_threads=1)],
-                            api_keys=keys))
+                            api_keys=keys, limits=Limits(stream_interval_s=0.5)))
     serve.run(app, name="ui-keyed", route_prefix="/ui-keyed")
     yield server + "/ui-keyed"
     serve.delete("ui-keyed")
@@ -91,6 +95,17 @@ def test_without_a_key_and_with_a_user_key(page, keyed, hot, shots):  # noqa: F8
     expect(page.locator("#whoami")).to_have_text("no key")
 
 
+def test_a_user_key_contrasts_but_cannot_store_the_vector(page, keyed):  # noqa: F811
+    """Contrasting needs a user key; storing its vector (save_vector) an admin's: a user sees why not."""
+    page.goto(f"{keyed}/#/contrast?dict={DEFAULT}&a=The%20argument%20is%20here.%0AAn%20argument."
+              "&b=The%20value%20is%20here.%0AA%20value.")
+    _use_key(page, USER)
+    expect(page.get_by_test_id("contrast-table")).to_be_visible()
+    panel = page.get_by_test_id("vector-panel")
+    expect(panel).to_contain_text("Storing it as a steering vector needs an admin key")
+    expect(panel.get_by_role("button")).to_have_count(0)
+
+
 def test_an_admin_deploys_and_undeploys_from_the_page(page, keyed, hot, shots):  # noqa: F811
     page.goto(f"{keyed}/#/dictionaries")
     _use_key(page, ADMIN)
@@ -148,3 +163,51 @@ def test_the_server_refuses_a_user_key_even_where_the_page_is_fooled(page, keyed
     expect(message).to_have_text(f"Not allowed for this key (403): {refused['message']}")
     expect(page.locator(f"table.dictionaries tr[data-name='{HOT}']")).to_contain_text("stored")
     page.screenshot(path=shots("dictionaries-forbidden"), full_page=True)
+
+
+def test_a_wrong_key_gets_a_message(page, keyed, shots):  # noqa: F811
+    page.goto(f"{keyed}/#/playground")
+    _use_key(page, "not-a-key-of-this-server")
+    refused = requests.get(f"{keyed}/v1/whoami", headers=_auth("not-a-key-of-this-server"), timeout=60)
+    assert refused.status_code == 401
+    expect(page.locator("#banner")).to_have_text(
+        f"The server refused this API key (401): {refused.json()['error']['message']}. Type another above.")
+    expect(page.locator("#whoami")).to_have_text("key refused")
+    expect(page.locator("main .form-error").first).to_contain_text("Not signed in (401)")
+    page.screenshot(path=shots("access-wrong-key"), full_page=True)
+
+
+def test_the_playground_counts_tokens_not_stream_events(page, keyed):  # noqa: F811
+    """With steps sent together, one event carries several tokens: the progress counts the tokens."""
+    page.goto(f"{keyed}/#/playground?prompt=Return%20the%20number%20of&max_tokens=40&temperature=0"
+              f"&edit={DEFAULT}:7:set:3@all")
+    _use_key(page, USER)
+    expect(page.locator("#whoami")).to_have_text("key alice · user")
+    expect(page.get_by_test_id("steered")).to_be_visible()  # the view, drawn again for this key
+    page.evaluate("""() => {
+        window.__progress = [];
+        const status = document.querySelector('[data-testid=steered] [role=status]');
+        new MutationObserver(() => window.__progress.push(status.textContent))
+            .observe(status, {subtree: true, childList: true, characterData: true});
+    }""")
+    def steered_stream(response):  # the stream with the edit
+        return response.url.endswith("/v1/generate") and '"edits":[]' not in (response.request.post_data or "")
+
+    with page.expect_response(steered_stream) as streamed:
+        page.get_by_role("button", name="Generate").click()
+        wait_generated(page)
+    events = [json.loads(line[6:]) for line in streamed.value.text().splitlines()
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    final = events[-1]
+    steered = page.get_by_test_id("steered")
+    assert steered.get_attribute("data-tokens") == str(len(final["tokens"]))
+    assert steered.get_attribute("data-events") == str(len(events))
+    assert len(events) < len(final["tokens"]), "the server should have sent several tokens an event"
+    counts, total = [], 0
+    for event in events[:-1]:
+        total += len(event["token_ids"])
+        counts.append(total)
+    shown = [int(m.group(1)) for text in page.evaluate("window.__progress")
+             if (m := re.match(r"streaming… (\d+) / 40 tokens", text))]
+    assert shown and set(shown) <= set(counts), (shown, counts)
+    expect(steered.get_by_role("status")).to_have_text(f"{len(final['tokens'])} tokens · finish: {final['finish_reason']}")
