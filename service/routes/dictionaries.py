@@ -108,11 +108,17 @@ class DictionaryRoutes:
         return await self._deploy(name, model, deployed)
 
     async def _deploy(self, name: str, model: str | None, deployed: bool) -> dict:
+        from dictionaries.format import WEIGHTS_FILE, file_sha256
         from dictionaries.store import DictionaryStore
         from service.registry import registry, running_replicas
 
-        from dictionaries.format import WEIGHTS_FILE, file_sha256
+        from dictionaries.config import DictionaryError
+        from dictionaries.store import validate_name
 
+        try:
+            validate_name(name)
+        except DictionaryError as err:
+            raise ApiError(400, str(err), param="name") from None
         model_name, handle = self._handle(model)
         store, sha256, path = DictionaryStore(), None, None
         if deployed:

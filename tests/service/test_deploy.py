@@ -140,3 +140,12 @@ def test_client_and_cli_push_deploy_undeploy(server, clean_store, tmp_path):
     pushed = cli("push", str(tmp_path / "cli"), "--name", "hot-other")
     assert pushed.returncode == 0 and "deploy it with" in pushed.stdout
     assert "steerserve_requests_total" in client.metrics()
+
+
+def test_a_name_no_dictionary_may_have_is_a_400_for_deploy_and_undeploy(server):
+    """Found by schemathesis: an undeploy of a name the store refuses (control characters) was a 500."""
+    for method in ("POST", "DELETE"):
+        for name in ("%F3%A1%B9%AC%07%1C%26Sh", "UPPER", "a..b"):
+            answer = requests.request(method, f"{server}/v1/dictionaries/{name}/deploy", json={}, timeout=60)
+            assert answer.status_code == 400 and answer.json()["error"]["param"] == "name", (method, name, answer.text)
+    assert requests.get(server + "/healthz", timeout=60).json()["status"] == "ok"

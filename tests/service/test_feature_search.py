@@ -112,7 +112,9 @@ def _word_at_peak(index, feature):
 
 def test_a_word_from_the_top_context_finds_the_feature(default_index):
     checked = 0
-    for feature in range(0, 200, 7):
+    for feature in range(0, default_index.tensors["context_max"].shape[0], 7):  # a spread of features, until 30
+        if checked == 30:
+            break
         if float(default_index.tensors["context_max"][feature, 0]) <= 0:
             continue
         word = _word_at_peak(default_index, feature)
@@ -258,7 +260,7 @@ def test_whoami_and_the_stored_listing_and_the_schema(server):
     assert all(e["deployed"] is False for e in stored if e["name"] not in {x["name"] for x in listed})
     schema = requests.get(server + "/openapi.json", timeout=30).json()
     search = schema["paths"]["/v1/dictionaries/{name}/features"]["get"]
-    assert set(search["responses"]) == {"200", "400", "401", "404", "409", "429", "500"}  # 500: every route (route table)
+    assert set(search["responses"]) == {"200", "400", "401", "404", "409", "429", "500", "503"}  # 500: every route
     assert {p["name"] for p in search["parameters"]} == {"name", "q", "limit", "model"}
     assert search["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("FeatureSearchResponse")
     assert search["responses"]["409"]["content"]["application/json"]["schema"]["$ref"].endswith("ErrorEnvelope")
