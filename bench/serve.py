@@ -2,27 +2,34 @@
 batching, on one trace of mixed lengths and mixed edits.
 
     .venv/bin/python bench/serve.py [--models pythia-tiny pythia-70m-shape] [--levels 1 8 32 64]
-                                    [--per-client 4] [--seed 0]
+                                    [--per-client 4] [--seed 0] [--repeats 1] [--stream-interval 0]
 
 For each model, the app (Ray Serve on a free loopback port) serves it with one dictionary:
 pythia-tiny with its default dictionary, the Pythia-70M-shaped random model (saved once under
 ``$STEERSERVE_HOME/models/``) with a random 4096-feature relu dictionary at its middle layer.
 A trace of ``per-client × concurrency`` greedy requests is drawn once per level: prompts from a
 fixed list, ``max_new_tokens`` uniform in 8..128 with EOS ignored (exact lengths), half of them
-editing two features. At each concurrency ``C`` the same trace runs three ways, each a closed
-loop of ``C`` clients (a client sends its next request when its last one is answered):
+editing two features. At each concurrency ``C`` the same trace runs four ways, each a closed
+loop of ``C`` clients (a client sends its next request when its last one is answered), one
+after the other — ``--repeats R`` runs the four R times interleaved and reports them over all
+runs, with each repeat's ratios, so that a machine busy with something else for a while weighs
+on every mode alike:
 
 - **HTTP**: ``C`` client threads stream ``POST /v1/generate`` (server-sent events, one event a
   step) — time to first token and inter-token latency as the client sees them;
+- **HTTP whole**: the same without streaming (one JSON answer a request) — what the relay of
+  per-step messages through the ingress and proxy costs;
 - **in-process**: the scheduler in this process, fed the same trace by ``C`` virtual clients;
 - **static**: the batching the service had before continuous batching, simulated on the same
   engine: a batch of up to 16 waiting requests runs until its longest request is done (every
   row computes to that length) and answers all at once; the next batch starts after it.
 
 Printed a level: requests/s, generated tokens/s, TTFT p50/p99, inter-token latency p50/p99, the
-HTTP/in-process throughput ratio and continuous/static. Then the head-of-line figure: the
-latency of a 4-token request sent while 16 requests of 128 tokens run, in milliseconds and in
-decode steps of the running batch. Traffic goes to 127.0.0.1 only; every loop is bounded.
+HTTP/in-process throughput ratio (streamed and whole) and continuous/static. Then the head-of-line
+figure: the latency of a 4-token request sent while 16 requests of 128 tokens run, in milliseconds
+and in decode steps of the running batch. The clients run on the same machine: each level also
+prints the share of a core they used (on a small machine they compete with the server). Traffic
+goes to 127.0.0.1 only; every loop is bounded.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 PROMPTS = ["Return the number of", "class", "The default value is", "Raise an exception if", "def main(",
            "Return True if the", "This module provides", "An iterator over"]
 STATIC_BATCH = 16  # the @serve.batch size the service used before the scheduler
+MODES = ("HTTP", "HTTP whole", "in-process", "static")
 
 
 def free_port() -> int:
@@ -82,6 +90,21 @@ class Run:
     ttft: list[float] = field(default_factory=list)
     itl: list[float] = field(default_factory=list)
     latency: list[float] = field(default_factory=list)
+    cpu: float = 0.0  # CPU seconds this process (the clients) used
+
+    @staticmethod
+    def merge(runs: list["Run"]) -> "Run":
+        """Several runs of one mode as one: their seconds, tokens and samples added up."""
+        merged = Run()
+        for run in runs:
+            merged.seconds += run.seconds
+            merged.tokens += run.tokens
+            merged.requests += run.requests
+            merged.cpu += run.cpu
+            merged.ttft += run.ttft
+            merged.itl += run.itl
+            merged.latency += run.latency
+        return merged
 
     def row(self) -> list[str]:
         ms = lambda v: f"{1000 * v:.1f}"  # noqa: E731
@@ -116,6 +139,15 @@ def http_request(session: requests.Session, url: str, model: str, body: dict) ->
     return tokens, first, gaps, time.perf_counter() - start
 
 
+def http_whole(session: requests.Session, url: str, model: str, body: dict) -> tuple[int, float, list[float], float]:
+    """One request without streaming: the answer comes whole, so its first token arrives with its last."""
+    start = time.perf_counter()
+    answer = session.post(url + "/v1/generate", json={**body, "model": model, "ignore_eos": True}, timeout=600)
+    answer.raise_for_status()
+    latency = time.perf_counter() - start
+    return len(answer.json()["tokens"]), latency, [], latency
+
+
 def closed_loop(bodies: list[dict], concurrency: int, send) -> Run:
     """``concurrency`` client threads, each sending its next request when its last one returned."""
     work: queue.Queue = queue.Queue()
@@ -139,12 +171,12 @@ def closed_loop(bodies: list[dict], concurrency: int, send) -> Run:
                 run.latency.append(latency)
 
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    run.seconds = time.perf_counter() - start
+    run.seconds, run.cpu = time.perf_counter() - start, time.process_time() - cpu
     return run
 
 
@@ -308,6 +340,10 @@ def main() -> None:
     parser.add_argument("--levels", nargs="+", type=int, default=[1, 8, 32, 64])
     parser.add_argument("--per-client", type=int, default=4, help="requests in the trace per client (at least 16 in all)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run the modes this many times, interleaved; figures are over all runs")
+    parser.add_argument("--stream-interval", type=float, default=0.0,
+                        help="the app's stream_interval_s: shortest gap between two messages of a stream")
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -321,13 +357,14 @@ def main() -> None:
 
     threads = os.cpu_count()
     torch.set_num_threads(threads)
-    limits = Limits(max_new_tokens=128, max_running_rows=64, max_queued_requests=256)
+    limits = Limits(max_new_tokens=128, max_running_rows=64, max_queued_requests=256,
+                    stream_interval_s=args.stream_interval)
     prepared = {model: prepare(model) for model in args.models}
     app = AppArgs(models=[ModelArgs(name=name, dictionaries=[dictionary], torch_threads=threads)
                           for name, dictionary, _, _ in prepared.values()], limits=limits)
     url = run(app, port=free_port(), name="steerserve-bench")
     print(f"torch {torch.__version__}, {threads} threads, CPU; limits: {limits.max_running_rows} running rows, "
-          f"prefill chunk {limits.prefill_chunk_tokens}; static batches of up to {STATIC_BATCH}")
+          f"prefill chunk {limits.prefill_chunk_tokens}; stream interval {limits.stream_interval_s} s; static batches of up to {STATIC_BATCH}")
     try:
         for model, (name, dictionary, d_sae, loaded) in prepared.items():
             engine = Engine(loaded.model, loaded.tokenizer, {dictionary: DictionaryStore().load(dictionary)})
@@ -337,17 +374,31 @@ def main() -> None:
             print(f"\n{model} (dictionary {dictionary}; max_new_tokens 8-128, half the requests edit 2 features)")
             header = ["C", "mode", "req/s", "tok/s", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99"]
             print(" | ".join(header) + " | HTTP/in-proc | cont./static")
+            rate = lambda result: result.tokens / result.seconds  # noqa: E731
             for level in args.levels:
                 bodies = trace(max(16, args.per_client * level), args.seed + level, dictionary, d_sae)
-                http = closed_loop(bodies, level, lambda session, body: http_request(session, url, name, body))
-                local = in_process(engine, limits.scheduler_limits(), bodies, level)
-                static = static_batching(engine, bodies, level)
-                assert http.tokens == local.tokens == static.tokens == sum(b["max_new_tokens"] for b in bodies)
-                ratio = (http.tokens / http.seconds) / (local.tokens / local.seconds)
-                gain = (local.tokens / local.seconds) / (static.tokens / static.seconds)
-                for mode, result in (("HTTP", http), ("in-process", local), ("static", static)):
-                    extra = f" | {ratio:.2f} | {gain:.2f}" if mode == "HTTP" else ""
+                runs: dict[str, list[Run]] = {mode: [] for mode in MODES}
+                for _ in range(args.repeats):  # the modes interleaved, so a slow spell of the machine hits all alike
+                    runs["HTTP"].append(closed_loop(bodies, level, lambda session, body: http_request(session, url, name, body)))
+                    runs["HTTP whole"].append(closed_loop(bodies, level, lambda session, body: http_whole(session, url, name, body)))
+                    runs["in-process"].append(in_process(engine, limits.scheduler_limits(), bodies, level))
+                    runs["static"].append(static_batching(engine, bodies, level))
+                    assert len({run[-1].tokens for run in runs.values()}) == 1
+                    assert runs["HTTP"][-1].tokens == sum(b["max_new_tokens"] for b in bodies)
+                merged = {mode: Run.merge(results) for mode, results in runs.items()}
+                local = merged["in-process"]
+                gain = rate(local) / rate(merged["static"])
+                for mode, result in merged.items():
+                    extra = f" | {rate(result) / rate(local):.2f}" if mode.startswith("HTTP") else ""
+                    extra += f" | {gain:.2f}" if mode == "HTTP" else ""
                     print(" | ".join([str(level), mode, *result.row()]) + extra, flush=True)
+                if args.repeats > 1:
+                    by_repeat = lambda a, b: " ".join(f"{rate(x) / rate(y):.2f}" for x, y in zip(runs[a], runs[b]))  # noqa: E731
+                    print(f"  by repeat: HTTP/in-process {by_repeat('HTTP', 'in-process')}; HTTP whole/in-process "
+                          f"{by_repeat('HTTP whole', 'in-process')}; continuous/static {by_repeat('in-process', 'static')}")
+                http, whole = merged["HTTP"], merged["HTTP whole"]
+                print(f"  (the load generator's own threads used {100 * http.cpu / http.seconds:.0f}% of a core during "
+                      f"HTTP, {100 * whole.cpu / whole.seconds:.0f}% during HTTP whole, of the {threads} cores)")
             latency, step = head_of_line_http(url, name)
             steps = head_of_line_steps(engine, limits.scheduler_limits())
             print(f"head of line: a 4-token request beside 16 × 128-token requests answered in {1000 * latency:.0f} ms "
