@@ -39,6 +39,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     created REAL NOT NULL, started REAL, finished REAL, owner TEXT, launcher TEXT
 )"""
 _COLUMNS_ADDED = (("owner", "TEXT"), ("launcher", "TEXT"))  # databases older than these columns get them
+_ACTIVE = "SELECT COUNT(*) FROM jobs WHERE owner = ? AND status IN ('queued', 'running')"
+"""An owner's jobs the quota counts."""
 PRIVATE_FIELDS = ("corpus_source",)
 """What the ingress adds to a job's request for its task (a registered corpus's server path):
 kept in the record, never shown to callers."""
@@ -107,9 +109,7 @@ class JobStore:
         with self._connect(REQUEST_TIMEOUT_S) as db:
             db.execute("BEGIN IMMEDIATE")
             try:
-                if limit is not None and db.execute(
-                        "SELECT COUNT(*) FROM jobs WHERE owner = ? AND status IN ('queued', 'running')",
-                        (owner,)).fetchone()[0] >= limit:
+                if limit is not None and db.execute(_ACTIVE, (owner,)).fetchone()[0] >= limit:
                     db.execute("ROLLBACK")
                     return None
                 db.execute("INSERT INTO jobs (id, kind, status, request, created, owner, launcher) "
@@ -125,8 +125,7 @@ class JobStore:
     def active(self, owner: str) -> int:
         """The owner's jobs that are queued or running (the quota counts these)."""
         with self._connect(REQUEST_TIMEOUT_S) as db:
-            return db.execute("SELECT COUNT(*) FROM jobs WHERE owner = ? AND status IN ('queued', 'running')",
-                              (owner,)).fetchone()[0]
+            return db.execute(_ACTIVE, (owner,)).fetchone()[0]
 
     def progress(self, job_id: str, fraction: float, message: str) -> bool:
         """A job's progress; a write that finds the database locked is skipped (the next one

@@ -15,6 +15,7 @@ import logging
 import sqlite3
 
 from service.jobs import FINISHED, redact_paths
+from service.protocol import ApiError
 
 logger = logging.getLogger(__name__)
 FINISH_ATTEMPTS = 20
@@ -23,6 +24,8 @@ QUOTA_RETRY_S = 30
 
 class JobLauncher:
     async def _launch(self, kind: str, work_name: str, request: dict, owner: str, deploy: bool = False) -> dict:
+        """Record the job and start its task; past the owner's quota of queued and running jobs
+        (counted as the record is inserted, so concurrent submits cannot pass it together), 429."""
         import ray
 
         from service import jobs
@@ -40,7 +43,10 @@ class JobLauncher:
             raise
         if created is None:
             self.tasks.pop(job_id, None)
-            raise self._over_quota(self.limits.max_jobs_per_key)
+            limit = self.limits.max_jobs_per_key
+            raise ApiError(429, f"you have {limit} jobs queued or running, the most a key may have: wait for one "
+                                "to finish or cancel one", type="rate_limit_error",
+                           headers={"Retry-After": str(QUOTA_RETRY_S)})
         task = ray.remote(num_cpus=self.limits.job_cpus, max_retries=0)(getattr(jobs, work_name)).options(
             runtime_env={"env_vars": environment_for_workers()}, name=f"steerserve-{job_id}")
         ref = task.remote(job_id, request)
@@ -91,8 +97,6 @@ class JobLauncher:
         return record
 
     async def _deploy_trained(self, job_id: str, result: dict) -> None:
-        from service.protocol import ApiError
-
         record = await self._records(self.jobs.get, job_id)
         deployed = []
         for entry in result["dictionaries"]:

@@ -98,11 +98,12 @@ class ModelServer:
         if versions is None:
             for name in config.dictionaries:
                 self._install(name, *self._read(name))
-        for name, sha256 in sorted((versions or {}).items()):
-            try:
-                self._install(name, *self._read(name, sha256))
-            except Exception as err:  # reported with the registry acknowledgement; the replica serves the rest
-                self.load_errors[name] = str(err)
+        else:
+            for name, sha256 in sorted(versions.items()):
+                try:
+                    self._install(name, *self._read(name, sha256))
+                except Exception as err:  # reported with the registry acknowledgement; the replica serves the rest
+                    self.load_errors[name] = str(err)
         self.loop = EngineLoop(self.engine.scheduler(limits.scheduler_limits(), observer))
 
     def between_steps(self, fn):

@@ -65,6 +65,17 @@ class ErrorEnvelope(BaseModel):
     error: ErrorDetail
 
 
+def dictionary_name(name: str, param: str = "name") -> str:
+    """``name`` if a dictionary may have it (``dictionaries.store.validate_name``); else a 400 naming ``param``."""
+    from dictionaries.config import DictionaryError
+    from dictionaries.store import validate_name
+
+    try:
+        return validate_name(name)
+    except DictionaryError as err:
+        raise ApiError(400, str(err), param=param) from None
+
+
 def validation_param(location: tuple) -> str | None:
     """pydantic's error location → ``edits[0].feature``."""
     parts = []

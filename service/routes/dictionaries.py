@@ -13,7 +13,7 @@ import time
 from fastapi import Request
 
 from service.http import _unwrap
-from service.protocol import ApiError
+from service.protocol import ApiError, dictionary_name
 from service.ui import stored_dictionaries
 from service.routes.table import route
 
@@ -52,17 +52,14 @@ class DictionaryRoutes:
         optionally ``metrics.json``) into the store, fully validated and atomically. A bad upload
         changes nothing: the dictionary already under that name keeps serving."""
         from dictionaries.config import DictionaryError
-        from dictionaries.store import DictionaryStore, validate_name
+        from dictionaries.store import DictionaryStore
         from service.uploads import receive_parts
 
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > self.limits.max_upload_bytes:
             raise ApiError(413, f"upload is {length} bytes; the limit is {self.limits.max_upload_bytes}",
                            type="request_too_large")
-        try:
-            validate_name(name)
-        except DictionaryError as err:
-            raise ApiError(400, str(err), param="name") from None
+        dictionary_name(name)
         store = DictionaryStore()
         staging = await asyncio.to_thread(store.staging_dir, f"upload-{name}")
         try:
@@ -112,13 +109,7 @@ class DictionaryRoutes:
         from dictionaries.store import DictionaryStore
         from service.registry import registry, running_replicas
 
-        from dictionaries.config import DictionaryError
-        from dictionaries.store import validate_name
-
-        try:
-            validate_name(name)
-        except DictionaryError as err:
-            raise ApiError(400, str(err), param="name") from None
+        dictionary_name(name)
         model_name, handle = self._handle(model)
         store, sha256, path = DictionaryStore(), None, None
         if deployed:

@@ -17,7 +17,7 @@ from service.access import identity
 from service.http import METRICS
 from service.jobs import FINISHED, REQUEST_TIMEOUT_S, resolve_corpus
 from service.launcher import JobLauncher
-from service.protocol import ApiError, EvaluationJobRequest, TrainingJobRequest
+from service.protocol import ApiError, EvaluationJobRequest, TrainingJobRequest, dictionary_name
 from service.routes.table import route
 
 logger = logging.getLogger(__name__)
@@ -64,23 +64,6 @@ class JobRoutes(JobLauncher):
         await self._records(self.jobs.finish, job_id, "cancelled", message="cancelled by the caller")
         return await self._job(request, kind, job_id)
 
-    @staticmethod
-    def _over_quota(limit: int) -> ApiError:
-        from service.launcher import QUOTA_RETRY_S
-
-        return ApiError(429, f"you have {limit} jobs queued or running, the most a key may have: wait for one "
-                             "to finish or cancel one", type="rate_limit_error",
-                        headers={"Retry-After": str(QUOTA_RETRY_S)})
-
-    async def _quota(self, request: Request) -> str:
-        """The caller's name, when under the job quota (checked again, atomically, as the record
-        is created)."""
-        owner, _ = identity(request.state.caller)
-        active = await self._records(self.jobs.active, owner)
-        if active >= self.limits.max_jobs_per_key:
-            raise self._over_quota(self.limits.max_jobs_per_key)
-        return owner
-
     @route("POST", "/v1/evaluations", role="user", errors=(400, 404, 409, 503), body=EvaluationJobRequest, ok=202)
     async def create_evaluation(self, request: Request) -> dict:
         from dictionaries.store import DictionaryStore
@@ -125,9 +108,8 @@ class JobRoutes(JobLauncher):
         elif model not in self.models:
             raise ApiError(400, f"model: evaluations run on the models this server serves ({', '.join(self.models)})",
                            param="model")
-        owner = await self._quota(request)
         work = {**body.model_dump(), "model": model, "corpus_source": source}
-        return await self._launch("evaluation", "run_evaluation", work, owner)
+        return await self._launch("evaluation", "run_evaluation", work, identity(request.state.caller)[0])
 
     @route("GET", "/v1/evaluations", role="user", errors=(503,))
     async def list_evaluations(self, request: Request) -> dict:
@@ -143,19 +125,13 @@ class JobRoutes(JobLauncher):
 
     @route("POST", "/v1/trainings", role="admin", errors=(400, 503), body=TrainingJobRequest, ok=202)
     async def create_training(self, request: Request) -> dict:
-        from dictionaries.config import DictionaryError
-        from dictionaries.store import validate_name
-
         body = await self._body(request, TrainingJobRequest)
-        try:
-            validate_name(body.name)
-        except DictionaryError as err:
-            raise ApiError(400, str(err), param="name") from None
+        dictionary_name(body.name)
         if body.model not in self.models:
             raise ApiError(400, f"model: trainings run on the models this server serves ({', '.join(self.models)})",
                            param="model")
-        owner = await self._quota(request)
-        return await self._launch("training", "run_training", body.model_dump(), owner, deploy=body.deploy)
+        return await self._launch("training", "run_training", body.model_dump(), identity(request.state.caller)[0],
+                                  deploy=body.deploy)
 
     @route("GET", "/v1/trainings", role="admin", errors=(503,))
     async def list_trainings(self, request: Request) -> dict:
