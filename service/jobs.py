@@ -41,7 +41,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 _COLUMNS_ADDED = (("owner", "TEXT"), ("launcher", "TEXT"))  # databases older than these columns get them
 _ACTIVE = "SELECT COUNT(*) FROM jobs WHERE owner = ? AND status IN ('queued', 'running')"
 """An owner's jobs the quota counts."""
-PRIVATE_FIELDS = ("corpus_source",)
+PRIVATE_FIELDS = ("corpus_source", "heldout_corpus_source")
 """What the ingress adds to a job's request for its task (a registered corpus's server path):
 kept in the record, never shown to callers."""
 _SERVER_PATH = re.compile(r"(?<![\w.:/~-])(?:~|/)[^\s'\"`,;:()\[\]{}<>]*")
@@ -51,6 +51,19 @@ def redact_paths(text: str) -> str:
     """``text`` with every absolute path replaced by ``<server path>``: a job's error reaches its
     owner, who must learn nothing of the server's file system from it."""
     return _SERVER_PATH.sub("<server path>", text)
+
+
+def redacted(value):
+    """``value`` (JSON-like) with :func:`redact_paths` applied to every string in it: what a
+    stored dictionary records of where it came from (a run directory, a registered corpus's
+    file) reaches callers without the server's paths."""
+    if isinstance(value, str):
+        return redact_paths(value)
+    if isinstance(value, dict):
+        return {key: redacted(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redacted(item) for item in value]
+    return value
 
 
 def resolve_corpus(name: str, corpora: dict[str, str]) -> str:
@@ -196,7 +209,7 @@ class JobStore:
                 "status": row["status"], "progress": row["progress"],
                 "message": row["message"],
                 "request": {k: v for k, v in json.loads(row["request"]).items() if k not in PRIVATE_FIELDS},
-                "result": json.loads(row["result"]) if row["result"] else None, "error": row["error"],
+                "result": redacted(json.loads(row["result"])) if row["result"] else None, "error": row["error"],
                 "created": row["created"], "started": row["started"], "finished": row["finished"]}
 
 
@@ -259,8 +272,8 @@ def run_training(job_id: str, request: dict) -> dict:
     specs = sweep_specs(request["architecture"], request["d_sae"], l1=request.get("l1"), k=request["k"],
                         seeds=request["seeds"], target_l0=request.get("target_l0"))
     config = TrainConfig(hook=request["hook"], specs=tuple(specs), tokens=request["tokens"],
-                         corpus=request.get("corpus", "builtin:pydocs/train"),
-                         heldout_corpus=request.get("heldout_corpus"),
+                         corpus=request.get("corpus_source") or request.get("corpus", "builtin:pydocs/train"),
+                         heldout_corpus=request.get("heldout_corpus_source") or request.get("heldout_corpus"),
                          batch_size=request["batch_size"], learning_rate=request.get("learning_rate"),
                          context_length=request["context_length"], seed=request["seed"],
                          dtype=request.get("dtype", "auto"))

@@ -19,6 +19,7 @@ import torch
 
 from editing.edits import EditError
 from editing.engine.scheduler import QueueFullError, SchedulerLimits
+from service.jobs import redacted
 from service.protocol import ApiError, GenerateRequest, InspectRequest
 from service.steering import Steering
 
@@ -293,8 +294,10 @@ class ModelServer:
     def dictionary_detail(self, name: str) -> dict:
         self._require(name)
         served = self.served[name]
-        return {"name": name, "model": self.config.name, "sha256": served["sha256"], "config": served["config"],
-                "metrics": served["metrics"], "files": served["files"], "warnings": self.warnings.get(name, [])}
+        # provenance and metrics record server paths (a run directory, a registered corpus): not for callers
+        return {"name": name, "model": self.config.name, "sha256": served["sha256"],
+                "config": redacted(served["config"]), "metrics": redacted(served["metrics"]), "files": served["files"],
+                "warnings": self.warnings.get(name, [])}
 
     def _require(self, name: str) -> None:
         if name not in self.engine.dictionaries:
@@ -329,7 +332,7 @@ class ModelServer:
                             for t, v in zip(tensors[key][index], tensors[key + "_values"][index])]
         return body | {"density": float(tensors["density"][index]),
                        "mean_activation": float(tensors["mean_activation"][index]),
-                       "measured_on": meta, "top_contexts": contexts,
+                       "measured_on": redacted(meta), "top_contexts": contexts,
                        "logit_lens": {"promoted": lens("lens_promoted"), "suppressed": lens("lens_suppressed")}}
 
     def _feature_stats(self, name: str):

@@ -335,9 +335,11 @@ class TrainingJobRequest(_Model):
         "during training, starting from l1[0] (default 0.01)"))
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, max_length=8)
     tokens: int = Field(default=1_000_000, ge=1024, le=200_000_000)
-    corpus: str = Field(default="builtin:pydocs/train", max_length=256, pattern=SERVER_CORPUS)
-    heldout_corpus: str | None = Field(default=None, max_length=256, pattern=SERVER_CORPUS, description=(
-        "corpus for the held-out metrics; default: the training corpus's held-out split"))
+    corpus: str = Field(default="builtin:pydocs/train", min_length=1, max_length=256, description=(
+        "builtin:pydocs[/train|/heldout], an hf: data set, or a corpus the server exposes by name (as evaluation "
+        "jobs name them, optionally NAME#train or NAME#heldout); never a path"))
+    heldout_corpus: str | None = Field(default=None, min_length=1, max_length=256, description=(
+        "corpus for the held-out metrics, named like 'corpus'; default: the training corpus's held-out split"))
     batch_size: int = Field(default=2048, ge=64, le=65536)
     learning_rate: float | None = Field(default=None, gt=0, le=1, description="default: scaled with d_sae")
     context_length: int = Field(default=128, ge=8, le=2048)

@@ -9,6 +9,7 @@ with a 503 when the database stays locked, so a locked database slows only job r
 
 import asyncio
 import logging
+import re
 import sqlite3
 
 from fastapi import Request
@@ -17,7 +18,7 @@ from service.access import identity
 from service.http import METRICS
 from service.jobs import FINISHED, REQUEST_TIMEOUT_S, resolve_corpus
 from service.launcher import JobLauncher
-from service.protocol import ApiError, EvaluationJobRequest, TrainingJobRequest, dictionary_name
+from service.protocol import SERVER_CORPUS, ApiError, EvaluationJobRequest, TrainingJobRequest, dictionary_name
 from service.routes.table import route
 
 logger = logging.getLogger(__name__)
@@ -130,8 +131,22 @@ class JobRoutes(JobLauncher):
         if body.model not in self.models:
             raise ApiError(400, f"model: trainings run on the models this server serves ({', '.join(self.models)})",
                            param="model")
-        return await self._launch("training", "run_training", body.model_dump(), identity(request.state.caller)[0],
+        work = body.model_dump()
+        for field in ("corpus", "heldout_corpus"):
+            if work[field] is not None:
+                work[field + "_source"] = self._training_corpus(work[field], field)
+        return await self._launch("training", "run_training", work, identity(request.state.caller)[0],
                                   deploy=body.deploy)
+
+    def _training_corpus(self, name: str, field: str) -> str:
+        """The source a training corpus names: builtin and hf: corpora as given, else one this
+        server exposes (the same names as evaluation jobs); a 400 naming ``field`` otherwise."""
+        if re.fullmatch(SERVER_CORPUS, name):
+            return name
+        try:
+            return resolve_corpus(name, self.corpora)
+        except ValueError as err:
+            raise ApiError(400, f"{field}: builtin:pydocs, hf: data sets, or: {err}", param=field) from None
 
     @route("GET", "/v1/trainings", role="admin", errors=(503,))
     async def list_trainings(self, request: Request) -> dict:

@@ -91,6 +91,47 @@ def test_a_training_job_deploys_its_dictionary(server):
     requests.delete(server + "/v1/dictionaries/job-trained/deploy", timeout=120)
 
 
+def test_a_training_job_trains_on_a_registered_corpus_without_showing_its_path(server):
+    """An admin-registered corpus is named in training jobs as in evaluation jobs; what the
+    dictionary records of it (provenance, held-out metrics, feature statistics) reaches callers
+    without the server's paths, as does the job record."""
+    from tests.conftest import TEST_HOME
+    from tests.service.conftest import REGISTERED
+
+    name, store = "job-notes", DictionaryStore()
+    if name in store:
+        requests.delete(server + f"/v1/dictionaries/{name}/deploy", timeout=120)
+        store.delete(name)
+    body = {"name": name, "hook": "blocks.1.hook_resid_post", "architecture": "topk", "d_sae": [64], "k": [4],
+            "tokens": 4096, "batch_size": 512, "context_length": 32, "corpus": "notes", "deploy": True}
+    created = requests.post(server + "/v1/trainings", json=body, timeout=30)
+    assert created.status_code == 202, created.text
+    record = _wait(server, "trainings", created.json()["id"])
+    assert record["status"] == "succeeded", record["error"]
+    assert record["request"]["corpus"] == "notes" and "corpus_source" not in record["request"]
+    deadline = time.time() + 120
+    while "deployments" not in (record["result"] or {}) and time.time() < deadline:
+        time.sleep(0.5)
+        record = requests.get(server + f"/v1/trainings/{record['id']}", timeout=30).json()
+    assert record["result"]["deployments"][0]["deployed"] is True
+    # trained on the registered file (split by windows), measured on its held-out part
+    stored = store.info(name)
+    assert stored["config"]["provenance"]["config"]["corpus"] == f"{REGISTERED / 'notes.txt'}#train"
+    assert stored["metrics"]["heldout_corpus"] == f"{REGISTERED / 'notes.txt'}#heldout"
+    assert stored["metrics"]["l0"] <= 4 and stored["metrics"]["dead_window_tokens"] > 0
+    detail = requests.get(server + f"/v1/dictionaries/{name}", timeout=30)
+    feature = requests.get(server + f"/v1/dictionaries/{name}/features/1", timeout=30)
+    for answer in (detail, feature, requests.get(server + f"/v1/trainings/{record['id']}", timeout=30)):
+        assert answer.status_code == 200 and str(TEST_HOME) not in answer.text and "notes.txt" not in answer.text
+    assert detail.json()["metrics"]["heldout_corpus"] == "<server path>"
+    assert detail.json()["config"]["provenance"]["config"]["corpus"] == "<server path>"
+    for field, value in (("corpus", "/etc/passwd"), ("corpus", "notes/../x"), ("heldout_corpus", "nope")):
+        refused = requests.post(server + "/v1/trainings", json={**body, "name": "x5", field: value}, timeout=30)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == field
+        assert str(REGISTERED) not in refused.text
+    requests.delete(server + f"/v1/dictionaries/{name}/deploy", timeout=120)
+
+
 def test_cancel_keeps_the_service_serving(server):
     created = requests.post(server + "/v1/evaluations", json={"dictionary": DEFAULT, "tokens": 2_000_000}, timeout=30)
     job_id = created.json()["id"]
