@@ -23,6 +23,15 @@ def _wait(url, kind, job_id, seconds=300):
     pytest.fail(f"{kind} job {job_id} did not finish in {seconds} s")
 
 
+def _deployed(url, record, seconds=120):
+    """A finished training job's record once its deploy (which runs right after the task returns) is in."""
+    deadline = time.time() + seconds
+    while "deployments" not in (record["result"] or {}) and time.time() < deadline:
+        time.sleep(0.5)
+        record = requests.get(f"{url}/v1/trainings/{record['id']}", timeout=30).json()
+    return record
+
+
 def test_an_evaluation_job_equals_the_in_process_evaluator(server, pythia_tiny, default_dictionary):
     created = requests.post(server + "/v1/evaluations", json={"dictionary": DEFAULT, "tokens": 2048,
                                                               "edits": [{"dictionary": DEFAULT, "feature": 5,
@@ -79,10 +88,7 @@ def test_a_training_job_deploys_its_dictionary(server):
     assert created.status_code == 202, created.text
     record = _wait(server, "trainings", created.json()["id"])
     assert record["status"] == "succeeded", record["error"]
-    deadline = time.time() + 120  # the deploy runs right after the job's task returns
-    while "deployments" not in (record["result"] or {}) and time.time() < deadline:
-        time.sleep(0.5)
-        record = requests.get(server + f"/v1/trainings/{record['id']}", timeout=30).json()
+    record = _deployed(server, record)
     assert record["result"]["deployments"][0]["deployed"] is True
     assert record["result"]["dictionaries"][0]["metrics"]["l0"] <= 4
     answer = requests.post(server + "/v1/generate", json={"prompt": "Return the", "max_new_tokens": 4, "edits": [
@@ -109,10 +115,7 @@ def test_a_training_job_trains_on_a_registered_corpus_without_showing_its_path(s
     record = _wait(server, "trainings", created.json()["id"])
     assert record["status"] == "succeeded", record["error"]
     assert record["request"]["corpus"] == "notes" and "corpus_source" not in record["request"]
-    deadline = time.time() + 120
-    while "deployments" not in (record["result"] or {}) and time.time() < deadline:
-        time.sleep(0.5)
-        record = requests.get(server + f"/v1/trainings/{record['id']}", timeout=30).json()
+    record = _deployed(server, record)
     assert record["result"]["deployments"][0]["deployed"] is True
     # trained on the registered file (split by windows), measured on its held-out part
     stored = store.info(name)
