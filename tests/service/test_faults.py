@@ -32,7 +32,7 @@ def faults(server):
     from service.app import delete_app
     from service.model_server import Limits
 
-    url = start_keyed_app(server, APP, limits=Limits(max_new_tokens=32, max_prompt_tokens=128, max_jobs_per_key=2,
+    url = start_keyed_app(server, APP, limits=Limits(max_new_tokens=256, max_prompt_tokens=128, max_jobs_per_key=2,
                                                     job_cpus=0.5))
     yield url
     delete_app(APP)
@@ -70,8 +70,10 @@ def test_a_model_replica_killed_under_load(faults):
 
     def client(i: int) -> None:
         stream = i % 2 == 0
+        # client 0 streams long answers, so that a request is almost surely mid-stream when the replica dies
+        length = {"max_new_tokens": 256, "ignore_eos": True} if i == 0 else {"max_new_tokens": 32}
         while not stop.is_set():
-            body = {"prompt": "The default value is", "max_new_tokens": 32, "stream": stream}
+            body = {"prompt": "The default value is", "stream": stream, **length}
             try:
                 answer = requests.post(faults + "/v1/generate", json=body, headers=USER, stream=stream, timeout=120)
                 if stream and answer.status_code == 200:
