@@ -86,9 +86,18 @@ def test_configured_limits_are_in_force(tight):
     assert [a.status_code for a in answers] == [200] * 4
     assert len({tuple(a.json()["tokens"]) for a in answers}) == 1
     # every scheduler step ran at most 2 rows: the batch-size histogram has nothing above 2
-    count = _wait_for(url, r'^steerserve_batch_size_count\{model="pythia-tiny",replica="\w+"\} (\S+)', lambda v: v > 0)
-    at_most_2 = _metric(url, r'^steerserve_batch_size_bucket\{le="2.0",model="pythia-tiny",replica="\w+"\} (\S+)')
-    assert count and at_most_2 == count
+    # both from one scrape, polled: the exported histogram can lag the answers, and two scrapes may differ
+    count_re = r'^steerserve_batch_size_count\{model="pythia-tiny",replica="\w+"\} (\S+)'
+    bucket_re = r'^steerserve_batch_size_bucket\{le="2.0",model="pythia-tiny",replica="\w+"\} (\S+)'
+    deadline, count, at_most_2 = time.time() + 30, None, None
+    while time.time() < deadline:
+        text = requests.get(url + "/metrics", timeout=30).text
+        found = [re.search(p, text, re.MULTILINE) for p in (count_re, bucket_re)]
+        count, at_most_2 = (float(m.group(1)) if m else None for m in found)
+        if count and at_most_2 == count:
+            break
+        time.sleep(0.5)
+    assert count and at_most_2 == count, (count, at_most_2)
 
 
 def test_a_full_queue_answers_503_with_retry_after(tight):
