@@ -19,8 +19,8 @@ included) is checked against the evaluator's on real held-out activations.
 Views:
 - equal tokens: topk k=32 (ours, SAELens, sparsify); relu: SAELens at ``--saelens-l1`` and
   ours asked for SAELens's measured L0 (``target_l0``), so the two sit at matched L0;
-- equal wall time: each trainer's tokens/s measured by short runs back to back; then each
-  trains for the tokens it does in the seconds the slowest needs for the equal-token budget;
+- equal wall time: each trainer's tokens/s is that of its equal-token run; each then trains
+  for the tokens it does in the seconds the slowest needed for the equal-token budget;
 - frontier: FVU against L0 for a sweep: ours as one stacked run (topk over ``--frontier-k``;
   relu asked for each SAELens member's L0), the peers as sequential runs.
 """
@@ -303,27 +303,15 @@ class Bench:
         return runs
 
     def equal_time(self, runs: dict) -> None:
-        """Each trainer's tokens/s from a short run of each, back to back (so they share the machine's
-        load of the moment), then a run of the tokens it does in the seconds the slowest needs for
-        the equal-token budget; the slowest keeps its equal-token run."""
+        """Each trainer's tokens/s is that of its own equal-token run (the whole training call, so
+        a peer's start-up counts as it does for a user, spread over the run as ours is); each then
+        trains for the tokens it does in the seconds the slowest took, which keeps its own run."""
         a = self.args
-        probe_tokens = a.timing_batches * a.batch_size
         for arch, rows in runs.items():
-            speed = {}
-            for row in rows:
-                if row["trainer"] == "ours":
-                    _, seconds = train_ours(self.activations, [self._spec(arch, runs)], probe_tokens, a.batch_size,
-                                            self.probe)
-                else:
-                    *_, meta = train_peer(row["trainer"], arch, tokens=probe_tokens, batch_size=a.batch_size,
-                                          d_sae=a.d_sae, k=a.k, l1=a.saelens_l1, workdir=self.workdir,
-                                          name=f"timing-{row['trainer']}-{arch}", reuse=False)
-                    seconds = meta["seconds"]
-                speed[row["trainer"]] = probe_tokens / seconds
-            slowest = min(speed.values())
-            budget = a.tokens / slowest  # seconds the slowest needs for the equal-token budget
+            speed = {row["trainer"]: row["tokens"] / row["seconds"] for row in rows}
+            budget = a.tokens / min(speed.values())  # the slowest's own seconds
             print(f"time      {arch}: tokens/s " + ", ".join(f"{t} {v:,.0f}" for t, v in speed.items()) +
-                  f" ({a.timing_batches} batches each, back to back); {budget:.0f} s each", flush=True)
+                  f" (their equal-token runs); {budget:.0f} s each", flush=True)
             for row in rows:
                 tokens = max(a.batch_size, int(speed[row["trainer"]] * budget // a.batch_size) * a.batch_size)
                 if tokens <= row["tokens"]:
@@ -386,7 +374,6 @@ def main() -> None:
     parser.add_argument("--frontier-l1", type=float, nargs="+", default=[10.0, 20.0, 40.0])
     parser.add_argument("--ours-l1", type=float, nargs="+", default=[1.0, 2.0, 4.0])
     parser.add_argument("--heldout-windows", type=int, default=128)
-    parser.add_argument("--timing-batches", type=int, default=16, help="batches of each trainer's tokens/s run")
     parser.add_argument("--peers", nargs="*", default=["saelens", "sparsify"], choices=("saelens", "sparsify"))
     parser.add_argument("--frontier-peers", nargs="*", default=["saelens", "sparsify"], choices=("saelens", "sparsify"),
                         help="peers trained for the frontier (each point a run of its own)")

@@ -101,7 +101,7 @@ def add_commands(commands) -> None:
     train.add_argument("--heldout-corpus", help="corpus for the held-out metrics (default: the corpus's held-out split)")
     train.add_argument("--context-length", type=int, default=128)
     train.add_argument("--batch-size", type=int, default=4096)
-    train.add_argument("--lr", type=float, help="Adam's rate (default: 4e-3 at 4096 features, scaled as 1/sqrt(d_sae))")
+    train.add_argument("--lr", type=float, help="Adam's rate (default at 4096 features: 4e-3 relu/jumprelu, 1.3e-2 topk; scaled as 1/sqrt(d_sae))")
     train.add_argument("--seed", type=int, default=0, help="data order and resampling")
     train.add_argument("--checkpoint-every", type=int, help="tokens between checkpoints")
     train.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")

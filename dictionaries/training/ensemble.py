@@ -224,8 +224,9 @@ class Ensemble(nn.Module):
             aux = self._aux_loss(pre, error.detach(), dead, total_variance) * aux_coefficient  # a sum over tokens / TV
         # "loss" is a mean over these tokens, "aux" a sum over them divided by the whole batch's variance
         active = f.detach().sign()  # f >= 0: 1 where a latent fires (cheaper than f > 0 on CPUs)
+        counts = active.sum(1)  # (N, F)
         return {"loss": mse + sparsity, "aux": aux, "mse": mse.detach(), "fvu": fvu,
-                "l0": active.sum(-1).mean(-1), "fired": active.sum(1) > 0}
+                "l0": active.sum(-1).mean(-1), "fired": counts > 0, "counts": counts}
 
     def _topk_losses(self, x, dead, aux_coefficient, total_variance) -> dict:
         """topk losses with sparse gradients: the pre-activations are one dense matmul without
@@ -247,8 +248,9 @@ class Ensemble(nn.Module):
         mse = error.pow(2).sum(-1).mean(-1) / self.d_in  # (N,)
         fvu = error.detach().pow(2).sum((-1, -2)) / total_variance  # (N,)
         active = (acts.detach() > 0).to(pre.dtype)  # (N, B, k)
-        fired = torch.zeros(n, f_size, device=x.device, dtype=pre.dtype).scatter_add_(
-            1, top.indices.view(n, -1), active.view(n, -1)) > 0  # (N, F)
+        counts = torch.zeros(n, f_size, device=x.device).scatter_add_(
+            1, top.indices.view(n, -1), active.view(n, -1).float())  # (N, F) tokens each latent fired on (float32:
+        # under autocast pre is bfloat16, which counts exactly only to 256)
         aux = torch.zeros_like(mse)
         if dead is not None and bool(dead.any()):
             n_dead = dead.sum(-1)  # (N,)
@@ -268,7 +270,7 @@ class Ensemble(nn.Module):
             scale = (n_dead.float() / k_aux.clamp(min=1)).clamp(max=1.0)
             aux = aux_coefficient * scale * (predicted + error.detach()).pow(2).sum((-1, -2)) / total_variance
         return {"loss": mse, "aux": aux, "mse": mse.detach(), "fvu": fvu, "l0": active.sum(-1).mean(-1),
-                "fired": fired}
+                "fired": counts > 0, "counts": counts}
 
     @torch.no_grad()
     def matmul_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,7 @@
 """How a run's learning rate and sparsity coefficients move over its steps.
 
     lr = learning_rate(step, total_steps, base, warmup=0.05, decay=0.2)   # linear warm-up, linear decay to 0
-    base = scaled_learning_rate(d_sae)                                  # 4e-3 at 4096 features, ∝ 1/√d_sae
+    base = scaled_learning_rate(d_sae, "relu")                          # 4e-3 at 4096 features, ∝ 1/√d_sae
     factor = sparsity_warmup(step, total_steps, 0.05)                    # the L1/L0 coefficient ramps up from 0
 
 Warm-up and decay are fractions of the run, so a run of 200 steps and one of 20,000 get
@@ -39,10 +39,23 @@ def learning_rate(step: int, total: int, base: float, warmup: float, decay: floa
     return base
 
 
-def scaled_learning_rate(d_sae: int, base: float = 4e-3) -> float:
-    """Adam's rate for a dictionary of ``d_sae`` features: ``base`` at 4096, ∝ 1/√d_sae (as
-    sparsify scales it): a wider dictionary has more decoder rows pulling on each direction."""
-    return base / math.sqrt(d_sae / REFERENCE_LATENTS)
+BASE_RATES = {"relu": 4e-3, "jumprelu": 4e-3, "topk": 1.3e-2}
+"""Adam's rate at :data:`REFERENCE_LATENTS` features, by architecture (measured with
+``bench/quality.py``; topk trains at over 3× relu's rate now that :func:`~dictionaries.training.trainer.revive`
+keeps its latents alive there)."""
+
+ADAM_BETAS = {"relu": (0.9, 0.999), "jumprelu": (0.9, 0.999), "topk": (0.8, 0.999)}
+"""Adam's (β1, β2) by architecture. topk takes β1 0.8: a latent that stops being selected gets
+no gradient, and Adam's momentum keeps moving it the way it was going, out of the top k; at
+the same rate β1 0.95 left 32% of the latents dead, 0.9 0.7%, 0.8 0.05% (``bench/quality.py``'s
+data). relu keeps torch's 0.9 (0.8 cost it FVU at the same L0)."""
+
+
+def scaled_learning_rate(d_sae: int, architecture: str = "relu") -> float:
+    """Adam's rate for a dictionary of ``d_sae`` features: the architecture's base rate at 4096,
+    ∝ 1/√d_sae (as sparsify scales it): a wider dictionary has more decoder rows pulling on
+    each direction."""
+    return BASE_RATES[architecture] / math.sqrt(d_sae / REFERENCE_LATENTS)
 
 
 def sparsity_warmup(step: int, total: int, fraction: float) -> float:

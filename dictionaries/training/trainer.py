@@ -11,11 +11,12 @@ of the run, at a rate that scales as 1/√d_sae unless one is given; the sparsit
 :class:`~dictionaries.training.schedule.L0Controller`. Dead features are those that did not fire in the last ``dead_window`` tokens; ``relu``
 members have them resampled (encoder and decoder re-initialised towards badly
 reconstructed inputs, their Adam state reset) every ``resample_every`` tokens during the
-first half of training; ``topk`` members revive them through the AuxK loss. With
+first half of training; ``topk`` members keep them from dying with :func:`revive` (a latent
+that fires rarely has its encoder bias raised) and the AuxK loss. With
 ``dtype="bfloat16"`` (the default on CUDA) the matmuls run in bfloat16 (autocast, or the
 fused relu loss's own casts); weights, Adam state and sums stay float32.
 
-A checkpoint (weights, Adam state, dead counters, sparsity coefficients, the resampling RNG
+A checkpoint (weights, Adam state, dead counters, firing rates, sparsity coefficients, the resampling RNG
 and the data position) is written every ``checkpoint_every`` tokens and at the end of the
 run as safetensors + JSON, atomically; ``resume`` continues from it and ends with the same
 weights as an uninterrupted run; resuming a finished run trains nothing and returns its
@@ -39,7 +40,8 @@ from safetensors.torch import load_file, save_file
 
 from dictionaries.training.activations import ActivationSource, ActivationSpec
 from dictionaries.training.ensemble import Ensemble, SaeSpec
-from dictionaries.training.schedule import L0Controller, learning_rate, scaled_learning_rate, sparsity_warmup
+from dictionaries.training.schedule import (ADAM_BETAS, L0Controller, learning_rate, scaled_learning_rate,
+                                           sparsity_warmup)
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,10 @@ class TrainConfig:
     context_length: int = 128
     batch_size: int = 4096
     learning_rate: float | None = None
-    """Adam's rate; None: 4e-3 at 4096 features, scaled as 1/√d_sae for each size."""
+    """Adam's rate; None: 4e-3 (relu, jumprelu) or 1.3e-2 (topk) at 4096 features, scaled as
+    1/√d_sae for each size (schedule.BASE_RATES)."""
+    adam_betas: tuple[float, float] | None = None
+    """Adam's (β1, β2); None: (0.8, 0.999) for topk, (0.9, 0.999) otherwise (schedule.ADAM_BETAS)."""
     warmup: float = 0.05
     """Fraction of the run over which the learning rate warms up linearly."""
     decay: float = 0.2
@@ -69,6 +74,12 @@ class TrainConfig:
     resample_every: int | None = 200_000
     """Tokens between dead-feature resamplings (relu; only in the first half of training)."""
     aux_coefficient: float = 1 / 32
+    revive_step: float = 0.015
+    """topk: after each batch, a latent whose firing rate (an average over about the last five
+    batches) is under ``revive_below`` of the mean rate k/d_sae has its encoder bias raised by
+    this much (in the scaled input's units), so it stays in the competition for the top k at
+    the rates that reconstruct best; 0 turns it off. See the README's "Why these defaults"."""
+    revive_below: float = 0.125
     member_tokens: int = 4096
     """Work size of one stacked step: a batch is processed in slices of member_tokens / N
     tokens with gradients accumulated (same result, far better cache use on CPUs)."""
@@ -95,6 +106,8 @@ class TrainConfig:
         for name in ("warmup", "decay", "sparsity_warmup"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} is a fraction of the run, in [0, 1]; got {getattr(self, name)}")
+        if self.adam_betas is not None and (len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas)):
+            raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
         if self.warmup + self.decay > 1:
             raise ValueError("warmup + decay must not exceed the whole run")
 
@@ -137,12 +150,16 @@ class Trainer:
     def total_steps(self) -> int:
         return math.ceil(self.config.tokens / self.config.batch_size)
 
-    def base_learning_rate(self, d_sae: int) -> float:
-        return self.config.learning_rate or scaled_learning_rate(d_sae)
+    def base_learning_rate(self, ensemble: Ensemble) -> float:
+        return self.config.learning_rate or scaled_learning_rate(ensemble.d_sae, ensemble.architecture)
 
-    def learning_rate(self, step: int, d_sae: int) -> float:
-        return learning_rate(step, self.total_steps(), self.base_learning_rate(d_sae), self.config.warmup,
+    def learning_rate(self, step: int, ensemble: Ensemble) -> float:
+        return learning_rate(step, self.total_steps(), self.base_learning_rate(ensemble), self.config.warmup,
                              self.config.decay)
+
+    def _adam(self, ensemble: Ensemble) -> torch.optim.Adam:
+        betas = self.config.adam_betas or ADAM_BETAS[ensemble.architecture]
+        return torch.optim.Adam(ensemble.parameters(), lr=self.base_learning_rate(ensemble), betas=tuple(betas))
 
     def _controllers(self) -> list[L0Controller]:
         return [L0Controller([s.l1 for s in specs], [s.target_l0 for s in specs], gain=self.config.controller_gain,
@@ -160,14 +177,15 @@ class Trainer:
             scale = float((self.d_in / first.pow(2).sum(-1).mean()).sqrt())
             ensembles = [Ensemble(specs, self.d_in, b_dec_init=(first * scale).mean(0).cpu()).to(self.device)
                          for specs in self.groups]
-            optimizers = [torch.optim.Adam(e.parameters(), lr=self.base_learning_rate(e.d_sae)) for e in ensembles]
+            optimizers = [self._adam(e) for e in ensembles]
             since_fired = [torch.zeros(len(s), s[0].d_sae, device=self.device) for s in self.groups]
+            rates = [_mean_rates(e) for e in ensembles]
             controllers = self._controllers()
             generator = torch.Generator().manual_seed(self.config.seed + 1)
             step, pending = 0, [first]
             log_file = (self.run_dir / "log.jsonl").open("w")
         else:
-            ensembles, optimizers, since_fired, controllers, generator, step, scale = state
+            ensembles, optimizers, since_fired, rates, controllers, generator, step, scale = state
             batches = self.source.batches(self.config.batch_size, skip=step) if step < self.total_steps() else iter(())
             pending = []
             log_file = (self.run_dir / "log.jsonl").open("a")
@@ -183,9 +201,10 @@ class Trainer:
                 x = raw.to(self.device) * scale  # (B, d)
                 warm = sparsity_warmup(step, self.total_steps(), self.config.sparsity_warmup)
                 stats = []
-                for ensemble, optimizer, counter, controller in zip(ensembles, optimizers, since_fired, controllers):
+                for ensemble, optimizer, counter, rate, controller in zip(ensembles, optimizers, since_fired, rates,
+                                                                          controllers):
                     dead = counter >= self.config.dead_window
-                    lr = self.learning_rate(step, ensemble.d_sae)
+                    lr = self.learning_rate(step, ensemble)
                     for group in optimizer.param_groups:
                         group["lr"] = lr
                     ensemble.l1.copy_(controller.coefficient * warm)
@@ -195,6 +214,9 @@ class Trainer:
                     optimizer.step()
                     ensemble.constrain_after_step()
                     counter.add_(len(x)).masked_fill_(out["fired"], 0)
+                    if ensemble.architecture == "topk":
+                        revive(ensemble, rate, out["counts"] / len(x), self.config.revive_step,
+                               self.config.revive_below)
                     if warm >= 1.0:  # steer once the coefficient has warmed up
                         controller.update(out["l0"])
                     stats.append({k: out[k].float().tolist() for k in ("loss", "mse", "fvu", "l0")}
@@ -219,11 +241,11 @@ class Trainer:
                 if progress is not None:
                     progress(len(x), record)
                 if checkpoint_every and tokens_seen // checkpoint_every != (tokens_seen - len(x)) // checkpoint_every:
-                    self._save_checkpoint(ensembles, optimizers, since_fired, controllers, generator, step, scale)
+                    self._save_checkpoint(ensembles, optimizers, since_fired, rates, controllers, generator, step, scale)
         finally:
             log_file.close()
         if state is None or log:  # the finished run, kept until its dictionaries are published
-            self._save_checkpoint(ensembles, optimizers, since_fired, controllers, generator, step, scale)
+            self._save_checkpoint(ensembles, optimizers, since_fired, rates, controllers, generator, step, scale)
         dead = [counter >= min(self.config.dead_window, tokens_seen) for counter in since_fired]
         return TrainResult(ensembles=ensembles, specs=self.groups, scale=scale, tokens_seen=tokens_seen, dead=dead,
                            coefficients=[c.coefficient.float() for c in controllers], log=log)
@@ -244,17 +266,21 @@ class Trainer:
             totals["loss"] = totals.get("loss", 0) + out["loss"].detach() * weight + out["aux"].detach()
             for key in ("mse", "l0"):
                 totals[key] = totals.get(key, 0) + out[key].detach() * weight
+            if "counts" in out:
+                totals["counts"] = totals.get("counts", 0) + out["counts"]
             totals["fvu"] = totals.get("fvu", 0) + out["fvu"]  # already divided by the whole batch's variance
             totals["fired"] = out["fired"] | totals["fired"] if "fired" in totals else out["fired"]
         return totals
 
     # --- checkpoints ------------------------------------------------------------------------------------
 
-    def _save_checkpoint(self, ensembles, optimizers, since_fired, controllers, generator, step, scale) -> None:
+    def _save_checkpoint(self, ensembles, optimizers, since_fired, rates, controllers, generator, step, scale) -> None:
         tensors: dict[str, torch.Tensor] = {"generator": generator.get_state()}
         adam_steps = {}
-        for g, (ensemble, optimizer, counter, controller) in enumerate(zip(ensembles, optimizers, since_fired, controllers)):
+        for g, (ensemble, optimizer, counter, rate, controller) in enumerate(
+                zip(ensembles, optimizers, since_fired, rates, controllers)):
             tensors[f"g{g}.since_fired"] = counter
+            tensors[f"g{g}.firing_rate"] = rate
             tensors[f"g{g}.coefficient"] = controller.coefficient
             tensors[f"g{g}.previous_error"] = controller.previous_error
             for name, param in ensemble.named_parameters():
@@ -285,13 +311,13 @@ class Trainer:
             raise ValueError(f"{target}: the checkpoint was written by a run with different settings; "
                              "resume with the same arguments, or start over without --resume")
         tensors = load_file(str(target / "state.safetensors"))
-        ensembles, optimizers, since_fired, controllers = [], [], [], self._controllers()
+        ensembles, optimizers, since_fired, rates, controllers = [], [], [], [], self._controllers()
         for g, specs in enumerate(self.groups):
             ensemble = Ensemble(specs, self.d_in).to(self.device)
             with torch.no_grad():
                 for name, param in ensemble.named_parameters():
                     param.copy_(tensors[f"g{g}.param.{name}"])
-            optimizer = torch.optim.Adam(ensemble.parameters(), lr=self.base_learning_rate(ensemble.d_sae))
+            optimizer = self._adam(ensemble)
             for name, param in ensemble.named_parameters():
                 if f"g{g}.{name}" in meta["adam_steps"]:
                     optimizer.state[param] = {
@@ -302,11 +328,41 @@ class Trainer:
             ensembles.append(ensemble)
             optimizers.append(optimizer)
             since_fired.append(tensors[f"g{g}.since_fired"].to(self.device))
+            rates.append(tensors[f"g{g}.firing_rate"].to(self.device))
             controllers[g].coefficient = tensors[f"g{g}.coefficient"]
             controllers[g].previous_error = tensors[f"g{g}.previous_error"]
         generator = torch.Generator()
         generator.set_state(tensors["generator"])
-        return ensembles, optimizers, since_fired, controllers, generator, meta["step"], meta["scale"]
+        return ensembles, optimizers, since_fired, rates, controllers, generator, meta["step"], meta["scale"]
+
+
+RATE_DECAY = 0.8
+"""Per batch, of the firing-rate average :func:`revive` keeps (about the last five batches)."""
+
+
+def _mean_rates(ensemble: Ensemble) -> torch.Tensor:
+    """``(N, F)``: every latent at its member's mean firing rate (k/F for topk, 0 otherwise)."""
+    mean = ensemble.k.float() / ensemble.d_sae  # (N,)
+    return mean.view(-1, 1).expand(-1, ensemble.d_sae).clone()
+
+
+@torch.no_grad()
+def revive(ensemble: Ensemble, rate: torch.Tensor, batch_rate: torch.Tensor, step: float, below: float) -> None:
+    """Fold the batch's firing rates ``(N, F)`` into ``rate`` (in place) and raise the encoder
+    bias of latents that fire at under ``below`` of their member's mean rate by ``step``.
+
+    A topk latent dies by losing the competition for the top k, not by a negative
+    pre-activation (measured: the dead latents' pre-activations peak at 0.39, live ones' at
+    0.59), and once it stops being selected it gets no gradient to win it back. The raised
+    bias puts it back among the k for some inputs; its decoder row and encoder then learn
+    from them (the load-balancing bias of auxiliary-loss-free MoE routers, applied to the
+    encoder bias itself, so the encode function is unchanged). Each member's latents depend
+    on its own rates only, so a sweep member still equals the same run alone."""
+    rate.mul_(RATE_DECAY).add_(batch_rate, alpha=1 - RATE_DECAY)
+    if step <= 0:
+        return
+    mean = ensemble.k.float().view(-1, 1) / ensemble.d_sae  # (N, 1)
+    ensemble.b_enc.add_((rate < below * mean).to(ensemble.b_enc.dtype), alpha=step)
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ def test_schedules_are_fractions_of_the_run():
         assert all(a >= b for a, b in zip(rates[warm:], rates[warm + 1:]))  # never rises after the warm-up
         assert sparsity_warmup(0, total, 0.05) == pytest.approx(1 / warm) and sparsity_warmup(warm, total, 0.05) == 1.0
     assert scaled_learning_rate(4096) == pytest.approx(4e-3) and scaled_learning_rate(16384) == pytest.approx(2e-3)
+    assert scaled_learning_rate(4096, "topk") == pytest.approx(1.3e-2) and scaled_learning_rate(1024, "topk") == pytest.approx(2.6e-2)
     with pytest.raises(ValueError, match="warmup"):
         TrainConfig(hook=HOOK, specs=(SaeSpec("topk", 64, k=4),), warmup=1.5)
 

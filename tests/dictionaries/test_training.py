@@ -11,7 +11,7 @@ from dictionaries.store import DictionaryStore
 from dictionaries.training.activations import ActivationSource, ActivationSpec
 from dictionaries.training.ensemble import Ensemble, SaeSpec
 from dictionaries.training.pipeline import train_and_publish
-from dictionaries.training.trainer import TrainConfig, Trainer, resample_dead
+from dictionaries.training.trainer import RATE_DECAY, TrainConfig, Trainer, resample_dead, revive
 from editing.corpora import iter_token_windows, open_corpus
 
 HOOK = "blocks.1.hook_resid_post"
@@ -126,7 +126,7 @@ def test_sparse_topk_loss_equals_dense_autograd():
     assert float(got["aux"][0].detach()) > 0 and float(got["aux"][2].detach()) == 0
     for key in ("loss", "aux", "mse", "fvu", "l0"):
         torch.testing.assert_close(got[key].double(), want[key].double(), rtol=1e-12, atol=1e-12)
-    assert torch.equal(got["fired"], want["fired"])
+    assert torch.equal(got["fired"], want["fired"]) and torch.equal(got["counts"], want["counts"])
     for name, grad in want_grads.items():
         torch.testing.assert_close(got_grads[name], grad, rtol=1e-10, atol=1e-12, msg=name)
 
@@ -285,6 +285,50 @@ def test_dead_features_are_detected_and_resampled(small_model, tmp_path):
     assert first["resampled"] == round(first["members"][0]["dead"] * 128) > 0
     assert run.log[resampling[0] + 1]["members"][0]["dead"] < first["members"][0]["dead"]
     assert run.log[resampling[0] + 1]["members"][0]["l0"] > first["members"][0]["l0"]
+
+
+def test_revive_raises_the_bias_of_rarely_firing_topk_latents():
+    """revive folds a batch's firing rates into the running average and raises the encoder bias
+    of latents under `below` of their own member's mean rate k/F, and of nothing else."""
+    ensemble = Ensemble([SaeSpec("topk", 8, k=2), SaeSpec("topk", 8, k=4, seed=1)], d_in=4)
+    rate = torch.tensor([[0.25] * 8, [0.5] * 8])  # each member's mean: 2/8 and 4/8
+    batch = torch.zeros(2, 8)
+    batch[0, :4] = 0.5  # member 0: latents 0-3 fire, 4-7 stop
+    batch[1, 1:] = 0.6  # member 1: only latent 0 stops
+    before = ensemble.b_enc.detach().clone()
+    revive(ensemble, rate, batch, 0.01, 0.8)
+    want = RATE_DECAY * torch.tensor([[0.25] * 8, [0.5] * 8]) + (1 - RATE_DECAY) * batch
+    torch.testing.assert_close(rate, want)
+    raised = rate < 0.8 * torch.tensor([[0.25], [0.5]])  # 0.225 < 0.2? no; 0.45 < 0.4? no
+    assert not raised.any() and torch.equal(ensemble.b_enc, before)
+    for _ in range(3):  # the stopped latents' averages fall under 80% of the mean; the others' do not
+        revive(ensemble, rate, batch, 0.01, 0.8)
+    raised = torch.zeros(2, 8, dtype=torch.bool)
+    raised[0, 4:] = True
+    raised[1, 0] = True
+    assert torch.equal(rate < 0.8 * torch.tensor([[0.25], [0.5]]), raised)
+    delta = ensemble.b_enc.detach() - before
+    assert torch.all(delta[~raised] == 0) and torch.all(delta[raised] > 0)
+    stopped = rate.clone()
+    revive(ensemble, rate, batch, 0.0, 0.8)  # step 0: averages still kept, biases left alone
+    assert torch.equal(ensemble.b_enc.detach() - before, delta) and not torch.equal(rate, stopped)
+
+
+def test_revive_keeps_topk_latents_alive_at_a_high_rate(small_model, tmp_path):
+    """At a learning rate where topk latents stop firing, the revived run keeps them in use:
+    counted on the last 2,048 training tokens and on held-out text, against the same run without."""
+    heldout = torch.cat(list(ActivationSource(small_model, ActivationSpec(
+        hook=HOOK, tokens=4096, corpus="builtin:pydocs/heldout", context_length=32)).batches(4096)))
+    dead = {}
+    for step in (0.0, 0.015):
+        run = Trainer(small_model, _config([SaeSpec("topk", 256, k=8)], tokens=32768, learning_rate=1e-2,
+                                           revive_step=step), tmp_path / str(step)).run()
+        ensemble = run.ensembles[0]
+        with torch.no_grad():
+            fired = ensemble.encode(heldout * run.scale)[1][0].gt(0).any(0)
+        dead[step] = float(run.dead[0].float().mean()), float((~fired).float().mean())
+    assert dead[0.0][0] > 0.2 and dead[0.0][1] > 0.2  # without: latents die (measured 42% and 40%)
+    assert dead[0.015][0] < 0.05 and dead[0.015][1] < 0.05  # with: 2.0% and 1.6%
 
 
 def test_published_dictionaries_load_through_the_store(small_model, tmp_path):
