@@ -15,11 +15,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import sqlite3
 import time
 import uuid
 from pathlib import Path
+
+from service.redaction import redacted
 
 logger = logging.getLogger(__name__)
 
@@ -44,28 +45,6 @@ _ACTIVE = "SELECT COUNT(*) FROM jobs WHERE owner = ? AND status IN ('queued', 'r
 PRIVATE_FIELDS = ("corpus_source", "heldout_corpus_source")
 """What the ingress adds to a job's request for its task (a registered corpus's server path):
 kept in the record, never shown to callers."""
-_SERVER_PATH = re.compile(r"(?<![\w.:/~-])(?:~|/)[^\s'\"`,;:()\[\]{}<>]*")
-
-
-def redact_paths(text: str) -> str:
-    """``text`` with every absolute path replaced by ``<server path>``: a job's error reaches its
-    owner, who must learn nothing of the server's file system from it."""
-    return _SERVER_PATH.sub("<server path>", text)
-
-
-def redacted(value):
-    """``value`` (JSON-like) with :func:`redact_paths` applied to every string in it: what a
-    stored dictionary records of where it came from (a run directory, a registered corpus's
-    file) reaches callers without the server's paths."""
-    if isinstance(value, str):
-        return redact_paths(value)
-    if isinstance(value, dict):
-        return {key: redacted(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [redacted(item) for item in value]
-    return value
-
-
 def resolve_corpus(name: str, corpora: dict[str, str]) -> str:
     """The corpus spec for an exposed corpus ``name`` (optionally ``name/train|heldout`` for a
     builtin one, or ``name#split``); ``ValueError`` naming only the exposed names otherwise."""

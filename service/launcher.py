@@ -14,8 +14,9 @@ import asyncio
 import logging
 import sqlite3
 
-from service.jobs import FINISHED, redact_paths
+from service.jobs import FINISHED
 from service.protocol import ApiError
+from service.redaction import redact_paths
 
 logger = logging.getLogger(__name__)
 FINISH_ATTEMPTS = 20

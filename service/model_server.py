@@ -19,8 +19,8 @@ import torch
 
 from editing.edits import EditError
 from editing.engine.scheduler import QueueFullError, SchedulerLimits
-from service.jobs import redacted
 from service.protocol import ApiError, GenerateRequest, InspectRequest
+from service.redaction import redacted
 from service.steering import Steering
 
 STOP_FINISH = {"stop": "stop", "length": "length"}

@@ -56,20 +56,28 @@ def tight(server):
     serve.delete("tight")
 
 
-def _metric(url: str, pattern: str) -> float | None:
+def _metrics(url: str, *patterns: str) -> tuple[float | None, ...]:
+    """Each pattern's value from one scrape of /metrics (two scrapes may straddle an export)."""
     text = requests.get(url + "/metrics", timeout=30).text
-    match = re.search(pattern, text, re.MULTILINE)
-    return float(match.group(1)) if match else None
+    found = [re.search(pattern, text, re.MULTILINE) for pattern in patterns]
+    return tuple(float(match.group(1)) if match else None for match in found)
 
 
-def _wait_for(url: str, pattern: str, predicate, seconds: float = 20.0) -> float | None:
-    deadline, value = time.time() + seconds, None
+def _metric(url: str, pattern: str) -> float | None:
+    return _metrics(url, pattern)[0]
+
+
+def _wait_for(url: str, pattern: str | tuple[str, ...], predicate, seconds: float = 20.0):
+    """Poll until ``predicate`` holds for the pattern's value (a tuple of patterns: their values
+    from one scrape, as the predicate's arguments); returns the last value(s) seen."""
+    patterns = pattern if isinstance(pattern, tuple) else (pattern,)
+    deadline, values = time.time() + seconds, (None,) * len(patterns)
     while time.time() < deadline:
-        value = _metric(url, pattern)
-        if value is not None and predicate(value):
-            return value
+        values = _metrics(url, *patterns)
+        if None not in values and predicate(*values):
+            break
         time.sleep(0.2)
-    return value
+    return values if isinstance(pattern, tuple) else values[0]
 
 
 RUNNING = r'^steerserve_running_rows\{model="pythia-tiny",phase="decode",replica="\w+"\} (\S+)'
@@ -86,17 +94,10 @@ def test_configured_limits_are_in_force(tight):
     assert [a.status_code for a in answers] == [200] * 4
     assert len({tuple(a.json()["tokens"]) for a in answers}) == 1
     # every scheduler step ran at most 2 rows: the batch-size histogram has nothing above 2
-    # both from one scrape, polled: the exported histogram can lag the answers, and two scrapes may differ
+    # (polled: the exported histogram can lag the answers)
     count_re = r'^steerserve_batch_size_count\{model="pythia-tiny",replica="\w+"\} (\S+)'
     bucket_re = r'^steerserve_batch_size_bucket\{le="2.0",model="pythia-tiny",replica="\w+"\} (\S+)'
-    deadline, count, at_most_2 = time.time() + 30, None, None
-    while time.time() < deadline:
-        text = requests.get(url + "/metrics", timeout=30).text
-        found = [re.search(p, text, re.MULTILINE) for p in (count_re, bucket_re)]
-        count, at_most_2 = (float(m.group(1)) if m else None for m in found)
-        if count and at_most_2 == count:
-            break
-        time.sleep(0.5)
+    count, at_most_2 = _wait_for(url, (count_re, bucket_re), lambda count, le_2: count > 0 and le_2 == count, 30)
     assert count and at_most_2 == count, (count, at_most_2)
 
 
