@@ -198,12 +198,12 @@ class Ensemble(nn.Module):
             total_variance = (x - x.mean(0)).pow(2).sum()
         if self.architecture == "relu" and not reference:
             dtype = dtype or x.dtype
-            loss, squared, active, totals = ReluLoss.apply(
+            loss, squared, active, totals, counts = ReluLoss.apply(
                 x, None if self.tied else self.W_enc, self.W_dec, self.b_enc, self.b_dec, self.l1,
                 not self.unit_norm, dtype, *(cast or self.matmul_weights(dtype)))
             mse = squared / (len(x) * self.d_in)
             return {"loss": loss, "aux": torch.zeros_like(loss), "mse": mse, "fvu": squared / total_variance,
-                    "l0": active / len(x), "fired": totals > 0}
+                    "l0": active / len(x), "fired": counts > 0, "counts": counts}
         if self.architecture == "topk" and not reference:
             return self._topk_losses(x, dead, aux_coefficient, total_variance)
         pre, f = self.encode(x)
@@ -326,7 +326,8 @@ class ReluLoss(torch.autograd.Function):
     L1 term is summed over tokens first (``Σ_b f_bi`` a feature), its gradient rides along
     as the bias of the ``grad_f`` matmul, and the ReLU mask is applied once — so on a CPU,
     where a sweep of small dictionaries is bound by memory traffic, a step costs a fraction
-    of autograd's. Returns ``(loss (N,), squared error (N,), active count (N,), Σ_b f (N, F))``;
+    of autograd's. Returns ``(loss (N,), squared error (N,), active count (N,), Σ_b f (N, F), firing
+    counts (N, F))``;
     only ``loss`` has a gradient. Matmuls run in ``dtype`` (``enc``/``dec``: the weights cast to it
     by :meth:`Ensemble.matmul_weights`, once a step); sums are float32.
     """
@@ -343,13 +344,14 @@ class ReluLoss(torch.autograd.Function):
         # Reductions over (N, B, F) accumulate in float32 either way; a bfloat16 f keeps bfloat16
         # outputs (Σ over tokens a feature, firing count a token) rather than converting f whole.
         totals = f.sum(1).to(acc)  # (N, F)
-        active = torch.sign(f).sum(-1).sum(-1, dtype=acc)  # f >= 0, so sign is the firing indicator
+        counts = torch.sign(f).sum(1, dtype=acc)  # (N, F) tokens each feature fired on (f >= 0: sign is the indicator)
+        active = counts.sum(-1)  # (N,)
         norms = w_dec.norm(dim=-1) if weighted else None  # (N, F)
         penalty = (totals * norms).sum(-1) if weighted else totals.sum(-1)
         ctx.save_for_backward(centred, f, error, dec, encoder, w_dec, totals, norms, l1)
         ctx.tied, ctx.weighted, ctx.dtype, ctx.scale = tied, weighted, dtype, 1.0 / (b * d)
-        ctx.mark_non_differentiable(squared, active, totals)
-        return (squared + l1 * penalty) * ctx.scale, squared, active, totals
+        ctx.mark_non_differentiable(squared, active, totals, counts)
+        return (squared + l1 * penalty) * ctx.scale, squared, active, totals, counts
 
     @staticmethod
     def backward(ctx, grad_loss, *_):

@@ -11,8 +11,8 @@ of the run, at a rate that scales as 1/√d_sae unless one is given; the sparsit
 :class:`~dictionaries.training.schedule.L0Controller`. Dead features are those that did not fire in the last ``dead_window`` tokens; ``relu``
 members have them resampled (encoder and decoder re-initialised towards badly
 reconstructed inputs, their Adam state reset) every ``resample_every`` tokens during the
-first half of training; ``topk`` members keep them from dying with :func:`revive` (a latent
-that fires rarely has its encoder bias raised) and the AuxK loss. With
+first half of training; :func:`revive` keeps topk and relu latents from going silent (a
+latent that fires rarely has its encoder bias raised), and topk members have the AuxK loss. With
 ``dtype="bfloat16"`` (the default on CUDA) the matmuls run in bfloat16 (autocast, or the
 fused relu loss's own casts); weights, Adam state and sums stay float32.
 
@@ -74,11 +74,12 @@ class TrainConfig:
     resample_every: int | None = 200_000
     """Tokens between dead-feature resamplings (relu; only in the first half of training)."""
     aux_coefficient: float = 1 / 32
-    revive_step: float = 0.015
-    """topk: after each batch, a latent whose firing rate (an average over about the last five
-    batches) is under ``revive_below`` of the mean rate k/d_sae has its encoder bias raised by
-    this much (in the scaled input's units), so it stays in the competition for the top k at
-    the rates that reconstruct best; 0 turns it off. See the README's "Why these defaults"."""
+    revive_step: float | None = None
+    """After each batch, a latent whose firing rate (an average over about the last five batches)
+    is under ``revive_below`` of its member's mean rate (k/d_sae for topk, L0/d_sae of the batch
+    for relu) has its encoder bias raised by this much (in the scaled input's units), so it does
+    not go silent; 0 turns it off. None: :data:`REVIVE_STEPS` (topk 0.015, relu 0.001, jumprelu
+    off). See the README's "Why these defaults"."""
     revive_below: float = 0.125
     member_tokens: int = 4096
     """Work size of one stacked step: a batch is processed in slices of member_tokens / N
@@ -161,6 +162,10 @@ class Trainer:
         betas = self.config.adam_betas or ADAM_BETAS[ensemble.architecture]
         return torch.optim.Adam(ensemble.parameters(), lr=self.base_learning_rate(ensemble), betas=tuple(betas))
 
+    def _revive_step(self, ensemble: Ensemble) -> float:
+        step = self.config.revive_step
+        return REVIVE_STEPS[ensemble.architecture] if step is None else step
+
     def _controllers(self) -> list[L0Controller]:
         return [L0Controller([s.l1 for s in specs], [s.target_l0 for s in specs], gain=self.config.controller_gain,
                              damping=self.config.controller_damping) for specs in self.groups]
@@ -214,9 +219,7 @@ class Trainer:
                     optimizer.step()
                     ensemble.constrain_after_step()
                     counter.add_(len(x)).masked_fill_(out["fired"], 0)
-                    if ensemble.architecture == "topk":
-                        revive(ensemble, rate, out["counts"] / len(x), self.config.revive_step,
-                               self.config.revive_below)
+                    revive(ensemble, rate, out["counts"] / len(x), self._revive_step(ensemble), self.config.revive_below)
                     if warm >= 1.0:  # steer once the coefficient has warmed up
                         controller.update(out["l0"])
                     stats.append({k: out[k].float().tolist() for k in ("loss", "mse", "fvu", "l0")}
@@ -338,30 +341,40 @@ class Trainer:
 
 RATE_DECAY = 0.8
 """Per batch, of the firing-rate average :func:`revive` keeps (about the last five batches)."""
+REVIVE_STEPS = {"topk": 0.015, "relu": 0.001, "jumprelu": 0.0}
+""":func:`revive`'s step by architecture (measured with ``bench/quality.py``; see the README)."""
 
 
 def _mean_rates(ensemble: Ensemble) -> torch.Tensor:
-    """``(N, F)``: every latent at its member's mean firing rate (k/F for topk, 0 otherwise)."""
-    mean = ensemble.k.float() / ensemble.d_sae  # (N,)
-    return mean.view(-1, 1).expand(-1, ensemble.d_sae).clone()
+    """``(N, F)``: the firing-rate averages a run starts with: k/F for topk, unset (NaN: the
+    first batch's rates are taken as they are) otherwise."""
+    if ensemble.architecture == "topk":
+        mean = ensemble.k.float() / ensemble.d_sae  # (N,)
+        return mean.view(-1, 1).expand(-1, ensemble.d_sae).clone()
+    return torch.full((len(ensemble.specs), ensemble.d_sae), torch.nan)
 
 
 @torch.no_grad()
 def revive(ensemble: Ensemble, rate: torch.Tensor, batch_rate: torch.Tensor, step: float, below: float) -> None:
     """Fold the batch's firing rates ``(N, F)`` into ``rate`` (in place) and raise the encoder
-    bias of latents that fire at under ``below`` of their member's mean rate by ``step``.
+    bias of latents that fire at under ``below`` of their member's mean rate by ``step`` (the
+    mean: k/F for topk, the batch's L0/F otherwise).
 
     A topk latent dies by losing the competition for the top k, not by a negative
     pre-activation (measured: the dead latents' pre-activations peak at 0.39, live ones' at
-    0.59), and once it stops being selected it gets no gradient to win it back. The raised
-    bias puts it back among the k for some inputs; its decoder row and encoder then learn
-    from them (the load-balancing bias of auxiliary-loss-free MoE routers, applied to the
-    encoder bias itself, so the encode function is unchanged). Each member's latents depend
-    on its own rates only, so a sweep member still equals the same run alone."""
-    rate.mul_(RATE_DECAY).add_(batch_rate, alpha=1 - RATE_DECAY)
+    0.59), and once it stops being selected it gets no gradient to win it back; a relu latent
+    whose pre-activation stays below 0 gets none either. The raised bias puts it back among
+    the active ones for some inputs; its decoder row and encoder then learn from them (the
+    load-balancing bias of auxiliary-loss-free MoE routers, applied to the encoder bias itself,
+    so the encode function is unchanged). Each member's latents depend on its own rates only,
+    so a sweep member still equals the same run alone."""
+    rate.copy_(torch.where(rate.isnan(), batch_rate, rate * RATE_DECAY + batch_rate * (1 - RATE_DECAY)))
     if step <= 0:
         return
-    mean = ensemble.k.float().view(-1, 1) / ensemble.d_sae  # (N, 1)
+    if ensemble.architecture == "topk":
+        mean = ensemble.k.float().view(-1, 1) / ensemble.d_sae  # (N, 1)
+    else:
+        mean = batch_rate.mean(-1, keepdim=True)  # (N, 1): the batch's L0 / F
     ensemble.b_enc.add_((rate < below * mean).to(ensemble.b_enc.dtype), alpha=step)
 
 

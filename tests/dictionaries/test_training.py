@@ -313,6 +313,13 @@ def test_revive_raises_the_bias_of_rarely_firing_topk_latents():
     revive(ensemble, rate, batch, 0.0, 0.8)  # step 0: averages still kept, biases left alone
     assert torch.equal(ensemble.b_enc.detach() - before, delta) and not torch.equal(rate, stopped)
 
+    # relu: the first batch sets the averages (a run starts them unset), and the mean is the batch's L0 / F
+    relu = Ensemble([SaeSpec("relu", 4, l1=1.0)], d_in=4)
+    rate = torch.full((1, 4), torch.nan)
+    first = torch.tensor([[0.4, 0.4, 0.2, 0.0]])  # mean 0.25
+    revive(relu, rate, first, 0.01, 0.5)
+    assert torch.equal(rate, first) and torch.equal(relu.b_enc.detach(), torch.tensor([[0.0, 0.0, 0.0, 0.01]]))
+
 
 def test_revive_keeps_topk_latents_alive_at_a_high_rate(small_model, tmp_path):
     """At a learning rate where topk latents stop firing, the revived run keeps them in use:
@@ -329,6 +336,19 @@ def test_revive_keeps_topk_latents_alive_at_a_high_rate(small_model, tmp_path):
         dead[step] = float(run.dead[0].float().mean()), float((~fired).float().mean())
     assert dead[0.0][0] > 0.2 and dead[0.0][1] > 0.2  # without: latents die (measured 42% and 40%)
     assert dead[0.015][0] < 0.05 and dead[0.015][1] < 0.05  # with: 2.0% and 1.6%
+
+
+def test_revive_keeps_relu_features_alive_at_a_target_l0(small_model, tmp_path):
+    """relu members trained to a small L0 leave many features silent; with revival fewer are,
+    counted by the trainer (no firing in the last 2,048 tokens), at the same L0."""
+    dead, l0 = {}, {}
+    for step in (0.0, 0.003):
+        run = Trainer(small_model, _config([SaeSpec("relu", 256, l1=0.01, target_l0=8)], tokens=32768,
+                                           learning_rate=None, resample_every=None, revive_step=step),
+                      tmp_path / str(step)).run()
+        dead[step], l0[step] = float(run.dead[0].float().mean()), run.log[-1]["members"][0]["l0"]
+    assert dead[0.0] > 0.3 and dead[0.003] < 0.7 * dead[0.0], dead  # measured 48% and 26%
+    assert abs(l0[0.003] - l0[0.0]) < 1.0, l0
 
 
 def test_published_dictionaries_load_through_the_store(small_model, tmp_path):
