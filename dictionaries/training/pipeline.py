@@ -41,7 +41,7 @@ def default_config() -> TrainConfig:
     the recipe it has had since issue 4 (Adam 2e-3, β1 0.9, no revival), so the feature
     numbers the README, the page's examples and the tests use keep meaning what they say.
     Today's topk defaults (scaled rate 2.6e-2 here, β1 0.8, revive) would reach held-out fvu
-    0.044 with 1.6% dead instead of 0.078 / 0.5%; switching moves every feature number (see
+    0.044 with 1.6% dead instead of 0.078 / 0.4%; switching moves every feature number (see
     the README, "The default dictionary")."""
     return TrainConfig(hook="blocks.2.hook_resid_post", specs=(SaeSpec("topk", 1024, k=24),),
                        tokens=1_200_000, batch_size=2048, learning_rate=2e-3, adam_betas=(0.9, 0.999),

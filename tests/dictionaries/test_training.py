@@ -287,9 +287,9 @@ def test_dead_features_are_detected_and_resampled(small_model, tmp_path):
     assert run.log[resampling[0] + 1]["members"][0]["l0"] > first["members"][0]["l0"]
 
 
-def test_revive_raises_the_bias_of_rarely_firing_topk_latents():
+def test_revive_raises_the_bias_of_rarely_firing_latents():
     """revive folds a batch's firing rates into the running average and raises the encoder bias
-    of latents under `below` of their own member's mean rate k/F, and of nothing else."""
+    of latents under `below` of their own member's mean rate (topk: k/F), and of nothing else."""
     ensemble = Ensemble([SaeSpec("topk", 8, k=2), SaeSpec("topk", 8, k=4, seed=1)], d_in=4)
     rate = torch.tensor([[0.25] * 8, [0.5] * 8])  # each member's mean: 2/8 and 4/8
     batch = torch.zeros(2, 8)
@@ -299,7 +299,7 @@ def test_revive_raises_the_bias_of_rarely_firing_topk_latents():
     revive(ensemble, rate, batch, 0.01, 0.8)
     want = RATE_DECAY * torch.tensor([[0.25] * 8, [0.5] * 8]) + (1 - RATE_DECAY) * batch
     torch.testing.assert_close(rate, want)
-    raised = rate < 0.8 * torch.tensor([[0.25], [0.5]])  # 0.225 < 0.2? no; 0.45 < 0.4? no
+    raised = rate < 0.8 * torch.tensor([[0.25], [0.5]])  # the stopped ones are at 0.2 and 0.4: not under yet
     assert not raised.any() and torch.equal(ensemble.b_enc, before)
     for _ in range(3):  # the stopped latents' averages fall under 80% of the mean; the others' do not
         revive(ensemble, rate, batch, 0.01, 0.8)
