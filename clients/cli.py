@@ -86,9 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.handler(args)
+        code = args.handler(args)
+        sys.stdout.flush()  # a reader that has gone shows up here, not as an error at exit
+        return code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `steerserve features ... | head`: the reader has what it wanted
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to fail at exit's flush
+        return 141  # as a process ended by SIGPIPE
     except Exception as err:  # a clean message, not a traceback, for the user's mistakes
         from clients.errors import is_user_error
 

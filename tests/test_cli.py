@@ -26,6 +26,19 @@ def test_models_build_refuses_unknown_names():
     assert "only built-in models" in result.stderr
 
 
+def test_a_reader_that_stops_early_is_not_an_error(small_model_dir):
+    """`steerserve ... | head`: output into a pipe whose reader has gone ends quietly with 141
+    (as a process ended by SIGPIPE), not with a traceback."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        result = subprocess.run([sys.executable, "-m", "clients.cli", "models", "list"], cwd=REPO, stdout=write,
+                                stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert result.returncode == 141 and result.stderr == "", result.stderr
+
+
 def test_http_only_modules_do_not_import_torch():
     code = "import sys, clients.cli, clients.errors; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
