@@ -269,10 +269,9 @@ class Trainer:
             totals["loss"] = totals.get("loss", 0) + out["loss"].detach() * weight + out["aux"].detach()
             for key in ("mse", "l0"):
                 totals[key] = totals.get(key, 0) + out[key].detach() * weight
-            if "counts" in out:
-                totals["counts"] = totals.get("counts", 0) + out["counts"]
+            totals["counts"] = totals.get("counts", 0) + out["counts"]
             totals["fvu"] = totals.get("fvu", 0) + out["fvu"]  # already divided by the whole batch's variance
-            totals["fired"] = out["fired"] | totals["fired"] if "fired" in totals else out["fired"]
+        totals["fired"] = totals["counts"] > 0
         return totals
 
     # --- checkpoints ------------------------------------------------------------------------------------
