@@ -12,7 +12,7 @@
                             save_vector="file-vs-value")                      # saving needs an admin key
     client.generate("If the", edits=[Vector("file-vs-value", 4.0),
                                      Set("pythia-tiny-l2", 403, 2.0, unit="max_activation",
-                                         when=When("pythia-tiny-l2", 926, above=1.0))])
+                                         when=When("pythia-tiny-l2", 680, above=1.0))])
     client.search("def open(path):", "pythia-tiny-l2", span=(9, 13))
     client.compare("l2-a", "l2-b", threshold=0.8)
 

@@ -37,15 +37,15 @@ HELDOUT_WINDOWS = 256  # 32k tokens of 128
 
 
 def default_config() -> TrainConfig:
-    """The default pythia-tiny dictionary: topk, 1024 features on layer 2's output, trained with
-    the recipe it has had since issue 4 (Adam 2e-3, β1 0.9, no revival), so the feature
-    numbers the README, the page's examples and the tests use keep meaning what they say.
-    Today's topk defaults (scaled rate 2.6e-2 here, β1 0.8, revive) would reach held-out fvu
-    0.044 with 1.6% dead instead of 0.078 / 0.4%; switching moves every feature number (see
-    the README, "The default dictionary")."""
+    """The default pythia-tiny dictionary: topk, k = 24, 1024 features on layer 2's output, with
+    today's topk recipe written out (the scaled rate 1.3e-2·√(4096/1024), Adam β1 0.8, revival
+    at 0.015), so that a later change of the trainer's defaults does not move the feature
+    numbers the README, the page's examples and the tests use. Until issue 18 it was trained
+    with Adam 2e-3, β1 0.9 and no revival: held-out fvu 0.078 with 0.4% dead (see the README,
+    "The default dictionary")."""
     return TrainConfig(hook="blocks.2.hook_resid_post", specs=(SaeSpec("topk", 1024, k=24),),
-                       tokens=1_200_000, batch_size=2048, learning_rate=2e-3, adam_betas=(0.9, 0.999),
-                       revive_step=0.0, seed=0, heldout_corpus="builtin:pydocs/heldout")
+                       tokens=1_200_000, batch_size=2048, learning_rate=2.6e-2, adam_betas=(0.8, 0.999),
+                       revive_step=0.015, seed=0, heldout_corpus="builtin:pydocs/heldout")
 
 
 def member_names(name: str, specs: list[SaeSpec]) -> list[str]:

@@ -430,7 +430,7 @@ def test_concurrent_mixed_requests_get_their_solo_results(server, local, vectors
     assert requests.put(server + "/v1/vectors/to-delete", json={"hook": "blocks.2.hook_resid_post", "values": values},
                         timeout=60).status_code == 200
     local.add_vector(SteeringVector("to-delete", "blocks.2.hook_resid_post", torch.tensor(values)))
-    when = {"dictionary": DEFAULT, "feature": 368, "above": 1.0}
+    when = {"dictionary": DEFAULT, "feature": 680, "above": 1.0}
     edit_sets = [[], [{"op": "vector", "vector": "to-delete", "value": 3.0}], [],
                  [{"op": "vector", "vector": "to-delete", "value": 0.5, "value_unit": "residual_norm", "when": when}],
                  [{"dictionary": DEFAULT, "feature": 403, "op": "set", "value": 2.0, "value_unit": "max_activation",
@@ -500,8 +500,8 @@ def test_the_cli_commands(server, vectors, tmp_path):
     assert "A 10 texts" in contrast and "saved as steering vector 'to-delete'" in contrast
     assert "to-delete" in cli("vectors", "list")
     steered = cli("generate", "If the value is not given, return the", "--max-new-tokens", "8",
-                  "--edit", f"vector:to-delete:6,when={DEFAULT}:368>1", "--edit", f"{DEFAULT}:403:set:1@generated,unit=max")
-    assert "vector:to-delete:6 when pythia-tiny-l2:368>1: added at" in steered and "403:set:1xmax" in steered
+                  "--edit", f"vector:to-delete:6,when={DEFAULT}:680>1", "--edit", f"{DEFAULT}:403:set:1@generated,unit=max")
+    assert "vector:to-delete:6 when pythia-tiny-l2:680>1: added at" in steered and "403:set:1xmax" in steered
     bad = subprocess.run([sys.executable, "-m", "clients.cli", "contrast", "--dictionary", DEFAULT, "--server", server],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "give set a" in bad.stderr

@@ -110,7 +110,7 @@ def test_vector_unit_and_condition_edits_from_the_playground(page, browser, serv
     edit.get_by_label("Unit", exact=True).select_option("residual_norm")
     edit.get_by_label("Only where a feature is above or below a threshold").check()
     edit.get_by_label("Condition dictionary").select_option(DEFAULT)
-    edit.get_by_label("Condition feature").fill("368")
+    edit.get_by_label("Condition feature").fill("680")
     edit.get_by_label("Condition is").select_option("above")
     edit.get_by_label("Threshold", exact=True).fill("1")
     page.get_by_role("button", name="+ Add another edit").click()
@@ -124,7 +124,7 @@ def test_vector_unit_and_condition_edits_from_the_playground(page, browser, serv
     wait_generated(page)
 
     edits = [{"op": "vector", "vector": vector, "value": 0.8, "positions": "all", "value_unit": "residual_norm",
-              "when": {"dictionary": DEFAULT, "feature": 368, "above": 1}},
+              "when": {"dictionary": DEFAULT, "feature": 680, "above": 1}},
              {"dictionary": DEFAULT, "feature": 403, "op": "set", "value": 2, "positions": "generated",
               "value_unit": "max_activation"}]
     body = {"prompt": prompt, "model": "pythia-tiny", "max_new_tokens": 16, "temperature": 0, "top_p": 1,
@@ -152,7 +152,7 @@ def test_vector_unit_and_condition_edits_from_the_playground(page, browser, serv
 
     link = page.url
     texts = parse_qs(urlsplit(link).fragment.split("?", 1)[1])["edit"]
-    assert texts == [f"vector:{vector}:0.8@all,unit=norm,when={DEFAULT}:368>1", f"{DEFAULT}:403:set:2@generated,unit=max"]
+    assert texts == [f"vector:{vector}:0.8@all,unit=norm,when={DEFAULT}:680>1", f"{DEFAULT}:403:set:2@generated,unit=max"]
     assert [parse_edit(text) for text in texts] == [EditSpec(**e) for e in edits]
     # "Copy as curl" and "Copy as Python" carry them
     page.get_by_text("The same request as curl and Python").click()
@@ -175,7 +175,7 @@ def test_vector_unit_and_condition_edits_from_the_playground(page, browser, serv
         expect(restored.get_by_label("Op", exact=True)).to_have_value("vector")
         expect(restored.get_by_label("Steering vector")).to_have_value(vector)
         expect(restored.get_by_label("Unit", exact=True)).to_have_value("residual_norm")
-        expect(restored.get_by_label("Condition feature")).to_have_value("368")
+        expect(restored.get_by_label("Condition feature")).to_have_value("680")
         expect(other.locator("fieldset.edit").last.get_by_label("Unit", exact=True)).to_have_value("max_activation")
     finally:
         context.close()

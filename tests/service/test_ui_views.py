@@ -184,7 +184,7 @@ def test_an_evaluation_started_from_the_form_shows_its_progress_and_figures(page
     form = page.get_by_role("form", name="Start an evaluation")
     form.get_by_label("Dictionary").select_option(DEFAULT)
     form.get_by_label("Tokens").fill("16384")  # 128 windows, reported a batch of 8 at a time
-    form.get_by_label("Edits (optional)").fill(f"{DEFAULT}:5:scale:3, {DEFAULT}:403:add:1,unit=max,when={DEFAULT}:368>1")
+    form.get_by_label("Edits (optional)").fill(f"{DEFAULT}:5:scale:3, {DEFAULT}:403:add:1,unit=max,when={DEFAULT}:680>1")
     form.get_by_role("button", name="Start evaluation").click()
     detail = page.get_by_test_id("job-detail")
     expect(detail).to_have_attribute("data-status", "succeeded", timeout=300_000)
@@ -200,7 +200,7 @@ def test_an_evaluation_started_from_the_form_shows_its_progress_and_figures(page
     assert [EditSpec(**edit) for edit in record["request"]["edits"]] == [
         EditSpec(dictionary=DEFAULT, feature=5, op="scale", value=3.0, positions="all"),
         EditSpec(dictionary=DEFAULT, feature=403, op="add", value=1.0, value_unit="max_activation",
-                 when={"dictionary": DEFAULT, "feature": 368, "above": 1.0})]
+                 when={"dictionary": DEFAULT, "feature": 680, "above": 1.0})]
     result = record["result"]
     for run in ("clean", "spliced", "zero", "edited"):
         ce = result["ce"][run]
@@ -240,7 +240,7 @@ def test_the_training_form_sends_target_l0_and_shows_its_errors_at_the_field(pag
 
 NARROW = [  # every view, filled in where it has results to show
     ("playground", "#/playground?prompt=Return%20the%20number%20of&max_tokens=8"
-                   f"&edit={DEFAULT}:7:set:3@all,unit=max,when={DEFAULT}:368%3E1&run=1", "Playground", "[data-testid=steered][data-state=done]"),
+                   f"&edit={DEFAULT}:7:set:3@all,unit=max,when={DEFAULT}:680%3E1&run=1", "Playground", "[data-testid=steered][data-state=done]"),
     ("feature", f"#/feature/{DEFAULT}/7", f"{DEFAULT} · feature 7", "[data-testid=contexts]"),
     ("features", f"#/features?dict={DEFAULT}&q=lineno", "Features", ".search-results button.hit"),
     ("inspector", f"#/inspect?dict={DEFAULT}&text=Open%20the%20file%20and%20read%20the%20first%20line.&span=1:3",
