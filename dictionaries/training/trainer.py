@@ -344,12 +344,16 @@ REVIVE_STEPS = {"topk": 0.015, "relu": 0.001, "jumprelu": 0.0}
 """:func:`revive`'s step by architecture (measured with ``bench/quality.py``; see the README)."""
 
 
+def _topk_mean_rate(ensemble: Ensemble) -> torch.Tensor:
+    """``(N, 1)``: the rate at which a topk member's latents fire on average, k/F."""
+    return ensemble.k.float().view(-1, 1) / ensemble.d_sae
+
+
 def _mean_rates(ensemble: Ensemble) -> torch.Tensor:
     """``(N, F)``: the firing-rate averages a run starts with: k/F for topk, unset (NaN: the
     first batch's rates are taken as they are) otherwise."""
     if ensemble.architecture == "topk":
-        mean = ensemble.k.float() / ensemble.d_sae  # (N,)
-        return mean.view(-1, 1).expand(-1, ensemble.d_sae).clone()
+        return _topk_mean_rate(ensemble).expand(-1, ensemble.d_sae).clone()
     return torch.full((len(ensemble.specs), ensemble.d_sae), torch.nan)
 
 
@@ -371,7 +375,7 @@ def revive(ensemble: Ensemble, rate: torch.Tensor, batch_rate: torch.Tensor, ste
     if step <= 0:
         return
     if ensemble.architecture == "topk":
-        mean = ensemble.k.float().view(-1, 1) / ensemble.d_sae  # (N, 1)
+        mean = _topk_mean_rate(ensemble)
     else:
         mean = batch_rate.mean(-1, keepdim=True)  # (N, 1): the batch's L0 / F
     ensemble.b_enc.add_((rate < below * mean).to(ensemble.b_enc.dtype), alpha=step)
